@@ -1,0 +1,128 @@
+"""The ``unlearn`` command line.
+
+    unlearn demo [--output DIR]             finetune a tiny target, unlearn with PDU, show the result
+    unlearn methods                         list the registered objectives
+    unlearn finetune CONFIG [k=v ...]       target + retain reference models (TOFU protocol)
+    unlearn forget CONFIG [k=v ...]         single-process unlearning of the configured forget set
+    unlearn synth {tofu,muse} --out DIR     write the seeded synthetic data set
+    unlearn convert-gguf FILE [--out DIR]   one-time GGUF -> safetensors folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from unlearn.config import ConfigError, load_config
+
+
+def _cmd_methods(args) -> int:
+    from unlearn.objectives import available
+
+    width = max(len(name) for name in available())
+    for name, description in available().items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from unlearn.workflow import run_finetune
+
+    cfg = load_config(args.config, args.overrides)
+    report = run_finetune(cfg)
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("history")}, indent=2))
+    return 0
+
+
+def _cmd_forget(args) -> int:
+    from unlearn.report import print_unlearn_table
+    from unlearn.workflow import run_unlearning
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_unlearning(cfg, args.model)
+    print_unlearn_table(result)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from unlearn.demo import run_demo
+
+    overrides = [f"output_dir={args.output}"] + list(args.overrides)
+    run_demo(load_config(args.config, overrides))
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from unlearn.data import generate_muse, generate_tofu, write_muse, write_tofu
+
+    if args.benchmark == "tofu":
+        write_tofu(generate_tofu(seed=args.seed, n_authors=args.authors), args.out)
+    else:
+        write_muse(generate_muse(seed=args.seed), args.out)
+    print(f"wrote synthetic {args.benchmark.upper()} data (seed {args.seed}) to {args.out}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from unlearn.models import convert_gguf
+
+    print(convert_gguf(Path(args.gguf), Path(args.out) if args.out else None))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unlearn", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("methods", help="list the unlearning methods").set_defaults(func=_cmd_methods)
+
+    demo = sub.add_parser("demo", help="end-to-end demo on the embedded defaults")
+    demo.add_argument("--output", default="outputs/demo", help="where everything is written")
+    demo.add_argument("--config", default=None, help="YAML to start from instead of the defaults")
+    demo.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    demo.set_defaults(func=_cmd_demo)
+
+    for name, func, text in (("finetune", _cmd_finetune, "train target and retain models"),
+                             ("forget", _cmd_forget, "single-process unlearning")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", help="YAML config (configs/*.yaml)")
+        cmd.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        cmd.set_defaults(func=func)
+        if name == "forget":
+            cmd.add_argument("--model", default=None,
+                             help="model to unlearn from (default: model.name_or_path)")
+
+    synth = sub.add_parser("synth", help="write the seeded synthetic data set")
+    synth.add_argument("benchmark", choices=["tofu", "muse"])
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--authors", type=int, default=20)
+    synth.set_defaults(func=_cmd_synth)
+
+    convert = sub.add_parser("convert-gguf", help="convert a GGUF file to a safetensors folder")
+    convert.add_argument("gguf")
+    convert.add_argument("--out", default=None)
+    convert.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from unlearn.data import DataError
+    from unlearn.models import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""One typed configuration for every command, validated at the edge.
+
+Load it from YAML with command-line overrides (``key.sub=value``, the value parsed as YAML):
+
+    cfg = load_config("configs/tofu_tiny.yaml", ["method.name=npo", "train.lr=3e-5"])
+
+A bad value raises :class:`ConfigError` whose message names the field, e.g.
+``train.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field("tiny", description="'tiny', 'smollm2-135m', a .gguf, a folder or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig | None = None
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(_Strict):
+    benchmark: Literal["tofu", "muse"] = "tofu"
+    source: str = Field("synthetic", description="'synthetic', a local folder/file or a hub name")
+    forget_split: str = "forget10"
+    retain_split: str = "retain90"
+    full_split: str = "full"
+    proxy_split: str | None = "holdout10"
+    max_length: int = Field(128, ge=8)
+    drop_overlap: bool = True
+    synthetic_seed: int = 0
+    synthetic_authors: int = Field(20, ge=2)
+
+
+class MethodConfig(_Strict):
+    """The objective by registry name, and its parameters (unset = the method's default)."""
+
+    name: str = "pdu"
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known_method_and_params(self) -> "MethodConfig":
+        from unlearn.objectives import get_objective
+
+        try:
+            get_objective(self.name, **self.params)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
+class DualConfig(_Strict):
+    lam_0: float = Field(100.0, ge=0)
+    eta_dual: float = Field(5.0, ge=0)
+    lam_max: float = Field(1e4, gt=0)
+    eps: float | None = Field(None, ge=0, description="absolute retain-loss threshold")
+    rho: float | None = Field(0.1, ge=-1, description="relative: eps = (1 + rho) * L_r(theta_0)")
+    warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "DualConfig":
+        if self.eps is not None and self.rho is not None:
+            # An explicit eps wins over the default rho, so YAML can just say `eps: 0.3`.
+            object.__setattr__(self, "rho", None)
+        if self.eps is None and self.rho is None:
+            raise ValueError("set eps (absolute) or rho (relative)")
+        if not self.lam_0 <= self.lam_max:
+            raise ValueError(f"lam_0 ({self.lam_0}) must not exceed lam_max ({self.lam_max})")
+        return self
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    seed: int = 0
+
+
+class FinetuneConfig(_Strict):
+    lr: float = Field(3e-3, gt=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+class Config(_Strict):
+    run_name: str = "unlearn"
+    output_dir: str = "outputs"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: MethodConfig = MethodConfig()
+    dual: DualConfig = DualConfig()
+    train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        lines.append(f"{where}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def build_config(raw: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate a raw dict (+ overrides) into a :class:`Config`."""
+    raw = apply_overrides(dict(raw or {}), list(overrides or []))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file (or the defaults when ``path`` is None) and validate it."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {path}: the top level must be a mapping")
+    return build_config(raw, overrides)

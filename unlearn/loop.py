@@ -1,0 +1,182 @@
+"""One unlearning step, framework-free: the single-process runner and the Ray worker both call it.
+
+    (forget batch, retain batch) x grad_accum -> objective -> backward -> clip -> optimizer
+    -> scheduler -> dual update (on the step's mean retain loss) -> metrics dict
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from unlearn import losses
+from unlearn.dual import DualController
+from unlearn.objectives import Objective, StepInputs, forward_logits
+
+Batch = dict[str, Tensor]
+Pair = tuple[Batch, Batch | None]
+
+
+def pair_batches(forget: Sequence[Batch], retain: Sequence[Batch] | None) -> Iterator[Pair]:
+    """Forget-anchored pairing: one pass over ``forget``, the retain batches cycle."""
+    if not forget:
+        raise ValueError("the forget set produced no batch")
+    if retain is None or len(retain) == 0:
+        yield from ((f, None) for f in forget)
+        return
+    yield from zip(forget, itertools.cycle(retain))
+
+
+def supervised_tokens(batch: Batch | None) -> int:
+    return 0 if batch is None else int((batch["labels"][:, 1:] != -100).sum())
+
+
+@dataclass
+class Unlearner:
+    """Holds what a step needs; ``step`` is the one training step every runner uses."""
+
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    ref_model: nn.Module | None = None
+    dual: DualController | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    max_grad_norm: float | None = 1.0
+    extra: dict = field(default_factory=dict)
+    global_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective.needs_ref and self.ref_model is None:
+            raise ValueError(f"method {self.objective.name!r} needs a frozen reference model")
+        if self.objective.uses_dual and self.dual is None:
+            raise ValueError(f"method {self.objective.name!r} needs a DualController")
+
+    def step(self, micro_batches: Sequence[Pair]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics."""
+        if not micro_batches:
+            raise ValueError("step() needs at least one (forget, retain) pair")
+        start = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        retain_losses: list[float] = []
+        tokens = 0
+        scale = 1.0 / len(micro_batches)
+        for forget, retain in micro_batches:
+            inputs = StepInputs(self.model, forget, retain, self.ref_model, self.dual, self.extra)
+            out = self.objective.compute(inputs)
+            (out.loss * scale).backward()
+            _accumulate(totals, "loss", float(out.loss.detach()) * scale)
+            _accumulate(totals, "forget_loss", float(out.forget_loss.detach()) * scale)
+            for key, value in out.metrics.items():
+                _accumulate(totals, key, value * scale)
+            if out.retain_loss is not None:
+                retain_losses.append(float(out.retain_loss.detach()))
+            tokens += supervised_tokens(forget) + supervised_tokens(retain)
+        grad_norm = self._clip()
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+        metrics = {**totals, "lr": lr, "grad_norm": grad_norm, "tokens": float(tokens)}
+        if retain_losses:
+            metrics["retain_loss"] = sum(retain_losses) / len(retain_losses)
+        if self.dual is not None and retain_losses:
+            lam_used = self.dual.lam
+            self.dual.update(metrics["retain_loss"])  # reduced across ranks inside
+            metrics.update(lam=lam_used, lam_next=self.dual.lam, eps=float(self.dual.eps),
+                           slack=self.dual.slack(metrics["retain_loss"]))
+        elapsed = time.perf_counter() - start
+        metrics.update(step=float(self.global_step), step_time=elapsed,
+                       tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0)
+        return metrics
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.max_grad_norm is None:
+            norms = torch.stack([p.grad.detach().float().norm() for p in params])
+            return float(norms.norm())
+        return float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "dual": self.dual.state_dict() if self.dual is not None else None,
+        }
+
+
+def _accumulate(totals: dict[str, float], key: str, value: float) -> None:
+    totals[key] = totals.get(key, 0.0) + value
+
+
+@torch.no_grad()
+def per_sample_nll(model: nn.Module, batches: Iterable[Batch]) -> Tensor:
+    """Each sample's mean answer-token NLL, in batch order."""
+    model.eval()
+    values = [
+        losses.nll(forward_logits(model, batch), batch["labels"], reduction="per_sample")
+        for batch in batches
+    ]
+    return torch.cat(values) if values else torch.empty(0)
+
+
+@torch.no_grad()
+def mean_nll(model: nn.Module, batches: Iterable[Batch]) -> float:
+    """Token-weighted mean NLL over all supervised tokens of ``batches`` (the retain loss)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        n = supervised_tokens(batch)
+        if n:
+            total += float(losses.nll(forward_logits(model, batch), batch["labels"])) * n
+            count += n
+    if count == 0:
+        raise ValueError("no supervised token to measure a loss on")
+    return total / count
+
+
+def mean_prob(model: nn.Module, batches: Iterable[Batch]) -> float:
+    """Mean over samples of ``Prob = exp(-mean answer NLL)`` (the TOFU Prob)."""
+    nll = per_sample_nll(model, batches)
+    return float(torch.exp(-nll).mean()) if nll.numel() else math.nan
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, *, schedule: str = "constant",
+                    warmup_ratio: float = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then constant, linear decay or cosine decay to zero."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = min(max(progress, 0.0), 1.0)
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"unknown schedule {schedule!r}")
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, no decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)

