@@ -112,12 +112,12 @@ class FinetuneConfig(_Strict):
 class Config(_Strict):
     run_name: str = "unlearn"
     output_dir: str = "outputs"
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    method: MethodConfig = MethodConfig()
-    dual: DualConfig = DualConfig()
-    train: TrainConfig = TrainConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    dual: DualConfig = Field(default_factory=DualConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
 
 def _format_error(exc: ValidationError) -> str:
