@@ -6,7 +6,7 @@ from unlearn.config import ConfigError, build_config, load_config
 def test_defaults_are_valid_and_relative_eps():
     cfg = build_config()
     assert cfg.method.name == "pdu"
-    assert cfg.dual.rho == 0.1 and cfg.dual.eps is None
+    assert cfg.dual.rho == 1.0 and cfg.dual.eps is None
 
 
 def test_overrides_parse_yaml_values():

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from unlearn.models import (
-    ModelLoadError, build_tiny_model, frozen_copy, load_model, load_tokenizer, resolve_model_path,
+    ModelLoadError,
+    build_tiny_model,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
 )
 
 

@@ -13,8 +13,8 @@ Under data parallelism ``L_r_hat`` must be the mean over all ranks, so every ran
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 Reducer = Callable[[float], float]
 

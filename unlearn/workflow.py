@@ -9,21 +9,34 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from unlearn.config import Config
 from unlearn.data import (
-    check_overlap, collate, encode_qa, encode_text, generate_muse, generate_tofu, load_qa,
-    load_texts, write_muse, write_tofu,
+    check_overlap,
+    collate,
+    encode_qa,
+    encode_text,
+    generate_muse,
+    generate_tofu,
+    load_qa,
+    load_texts,
+    write_muse,
+    write_tofu,
 )
 from unlearn.dual import DualController
 from unlearn.loop import (
-    Unlearner, build_optimizer, build_scheduler, mean_nll, mean_prob, pair_batches,
+    Unlearner,
+    build_optimizer,
+    build_scheduler,
+    mean_nll,
+    mean_prob,
+    pair_batches,
 )
 from unlearn.models import LoraSettings, frozen_copy, load_model, load_tokenizer, save_model
 from unlearn.objectives import EGUP, Objective, get_objective
@@ -155,8 +168,8 @@ def run_finetune(cfg: Config, *, progress: bool = True) -> dict:
         features = encode_records(tokenizer, records, max_length=max_length)
         history = finetune(
             model,
-            lambda epoch: make_batches(features, ft.batch_size, tokenizer.pad_token_id,
-                                       shuffle=True, seed=ft.seed + epoch),
+            lambda epoch, features=features: make_batches(
+                features, ft.batch_size, tokenizer.pad_token_id, shuffle=True, seed=ft.seed + epoch),
             epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay,
             desc=f"finetune {role}", progress=progress,
         )

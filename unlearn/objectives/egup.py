@@ -18,8 +18,8 @@ dual constraint stays in force), Unilogit and the rest.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,45 @@
+"""Single-process end to end: finetune the tiny target, unlearn its forget set with PDU.
+
+Measured figures are printed (run with -s) and asserted with stated tolerances.
+"""
+
+import json
+
+import pytest
+
+from unlearn.config import build_config
+from unlearn.workflow import run_finetune, run_unlearning
+
+# The retain constraint is enforced by a dual variable, not projected: allow the final retain
+# loss to exceed eps by this relative margin.
+EPS_TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    cfg = build_config({}, [f"output_dir={out}"])
+    return cfg, run_finetune(cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_target_memorises_and_retain_model_does_not(finetuned):
+    _, report = finetuned
+    probs = report["forget_prob"]
+    print("forget-set Prob:", json.dumps(probs))
+    assert probs["target"] > 0.8, "the target must memorise its forget set"
+    assert probs["target"] > 5 * probs["base"]
+    assert probs["retain"] < 0.5 * probs["target"], "the retain model never saw the forget set"
+
+
+@pytest.mark.slow
+def test_pdu_forgets_while_retain_loss_respects_eps(finetuned):
+    cfg, report = finetuned
+    result = run_unlearning(cfg, report["target"], progress=False)
+    before, after, eps = result["before"], result["after"], result["eps"]
+    print("PDU before:", before, "after:", after, "eps:", eps)
+    assert after["forget_prob"] < 0.5 * before["forget_prob"]
+    assert after["retain_loss"] <= eps * (1 + EPS_TOLERANCE)
+    history = result["history"]
+    assert {"lam", "eps", "slack", "forget_loss", "retain_loss"} <= set(history[0])
+    assert history[-1]["forget_loss"] < history[0]["forget_loss"]
