@@ -141,7 +141,7 @@ def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + float(loss.detach()), count + 1
         history.append(total / max(count, 1))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     return history
