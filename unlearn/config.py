@@ -51,7 +51,7 @@ class DataConfig(_Strict):
     source: str = Field("synthetic", description="'synthetic', a local folder/file or a hub name")
     forget_split: str = "forget10"
     retain_split: str = "retain90"
-    full_split: str = "full"
+    full_split: str | None = "full"
     proxy_split: str | None = "holdout10"
     max_length: int = Field(128, ge=8)
     drop_overlap: bool = True
