@@ -248,3 +248,24 @@ def test_raw_text_is_fully_supervised(tokenizer):
     feature = encode_text(tokenizer, "Ada was born in Kestrel Bay.", max_length=5)
     assert feature["labels"] == feature["input_ids"] and len(feature["input_ids"]) == 5
     assert feature["input_ids"][-1] == tokenizer.eos_token_id
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_bucketing_covers_every_sample_once_and_cuts_padding():
+    from unlearn.data.batching import batch_indices, padding_fraction
+
+    lengths = [5 + (i * 37) % 60 for i in range(200)]
+    plain = batch_indices(lengths, 8, shuffle=True, seed=1, bucket=False)
+    bucketed = batch_indices(lengths, 8, shuffle=True, seed=1, bucket=True, window=8)
+    for batches in (plain, bucketed):
+        assert sorted(i for b in batches for i in b) == list(range(200))
+        assert all(1 <= len(b) <= 8 for b in batches)
+    assert padding_fraction(lengths, bucketed) < 0.5 * padding_fraction(lengths, plain)
+    assert batch_indices(lengths, 8, shuffle=True, seed=1) == batch_indices(lengths, 8, shuffle=True, seed=1)
+    assert batch_indices(lengths, 8, shuffle=True, seed=1) != batch_indices(lengths, 8, shuffle=True, seed=2)
+    assert padding_fraction([3, 3], [[0, 1]]) == 0.0
+    assert padding_fraction([1, 3], [[0, 1]]) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_indices(lengths, 0)

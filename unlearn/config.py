@@ -105,6 +105,7 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
+    bucket_by_length: bool = Field(True, description="length-bucketed batches (less padding)")
     seed: int = 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn.config import Config
+from unlearn.data.batching import batch_indices
 from unlearn.data import (
     check_overlap,
     collate,
@@ -104,14 +104,14 @@ def encode_records(tokenizer, records: list, *, max_length: int,
 
 
 def make_batches(features: list[dict], batch_size: int, pad_token_id: int, *,
-                 shuffle: bool = False, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Pad features into batches (right padding); shuffled by ``seed`` when asked."""
-    order = list(range(len(features)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
+                 shuffle: bool = False, seed: int = 0,
+                 bucket: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Pad features into batches (right padding); shuffled by ``seed`` when asked, and
+    length-bucketed (little padding, see ``unlearn.data.batching``) when ``bucket``."""
+    lengths = [len(f["input_ids"]) for f in features]
     batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = [features[i] for i in order[start:start + batch_size]]
+    for indices in batch_indices(lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket):
+        chunk = [features[i] for i in indices]
         ids = torch.tensor([f["sample_id"] for f in chunk], dtype=torch.long)
         batch = collate([{k: v for k, v in f.items() if k != "sample_id"} for f in chunk],
                         pad_token_id)
@@ -160,6 +160,9 @@ def run_finetune(cfg: Config, *, progress: bool = True) -> dict:
                                   ft.batch_size, tokenizer.pad_token_id)
     training_sets = {"target": data.full or data.forget + data.retain, "retain": data.retain}
     report: dict = {"forget_prob": {}}
+    # Finetuning keeps random batches: on a small templated set, length buckets group questions
+    # of one template together and the target memorised less (forget Prob 0.73 vs 0.99 after
+    # 30 epochs on the synthetic set).
     for role, records in training_sets.items():
         torch.manual_seed(ft.seed)
         model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype)
@@ -253,9 +256,11 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
     for epoch in range(t.epochs):
-        forget = make_batches(forget_features, t.batch_size, pad, shuffle=True, seed=t.seed + epoch)
+        forget = make_batches(forget_features, t.batch_size, pad, shuffle=True, seed=t.seed + epoch,
+                              bucket=t.bucket_by_length)
         retain = make_batches(retain_features, t.batch_size, pad, shuffle=True,
-                              seed=t.seed + 10_000 + epoch) if objective.wants_retain() else None
+                              seed=t.seed + 10_000 + epoch,
+                              bucket=t.bucket_by_length) if objective.wants_retain() else None
         pairs = list(pair_batches(forget, retain))
         for start in range(0, len(pairs), t.grad_accum):
             metrics = unlearner.step(pairs[start:start + t.grad_accum])
