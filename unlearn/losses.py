@@ -201,6 +201,51 @@ def _pivot(rows: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# per-row kernels: ``rows [N, V]`` (selected logits), ``targets [N]``, ``ref [N, V]`` or None.
+# The plain losses below and the chunked ones in ``unlearn.fused`` share them.
+# --------------------------------------------------------------------------------------------
+
+
+def row_nll(rows: Tensor, targets: Tensor, ref: Tensor | None = None) -> Tensor:
+    return _token_nll(rows, targets)
+
+
+def row_margin(rows: Tensor, targets: Tensor, ref: Tensor | None = None, *,
+               top_k: int | None = None) -> Tensor:
+    """Squared logit margin (``top_k=None``) or mean squared top-k deviation from the row mean;
+    top-k indices from ``ref`` when given, else from ``rows`` detached."""
+    if top_k is None:
+        centred = _pivot(rows)
+        return (centred.max(dim=-1).values - centred.mean(dim=-1)).pow(2)
+    return _topk_margin(rows, rows if ref is None else ref, top_k)
+
+
+def row_unilogit(rows: Tensor, targets: Tensor, ref: Tensor | None = None) -> Tensor:
+    log_q = _unilogit_log_target(rows, targets)
+    log_p = F.log_softmax(rows, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def row_max_entropy(rows: Tensor, targets: Tensor, ref: Tensor | None = None) -> Tensor:
+    return torch.logsumexp(rows, dim=-1) - rows.mean(dim=-1) - math.log(rows.shape[-1])
+
+
+def row_undial(rows: Tensor, targets: Tensor, ref: Tensor, *, beta: float) -> Tensor:
+    with torch.no_grad():
+        tgt = targets.unsqueeze(-1)
+        ref = ref.detach()
+        teacher = F.softmax(ref.scatter(-1, tgt, ref.gather(-1, tgt) - beta), dim=-1)
+    return -(teacher * F.log_softmax(rows, dim=-1)).sum(dim=-1)
+
+
+def row_kl(rows: Tensor, targets: Tensor, ref: Tensor) -> Tensor:
+    log_p = F.log_softmax(rows, dim=-1)
+    with torch.no_grad():
+        log_ref = F.log_softmax(ref.detach(), dim=-1)
+    return (log_p.exp() * (log_p - log_ref)).sum(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------------------------
 
@@ -208,7 +253,7 @@ def _pivot(rows: Tensor) -> Tensor:
 def nll(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     """Token cross-entropy: ``NLL = mean_{t in A} -log softmax(z_t)[y_t]``."""
     sel = _select(logits, labels, reduction)
-    return sel.reduce(_token_nll(sel.rows(logits), sel.targets), reduction)
+    return sel.reduce(row_nll(sel.rows(logits), sel.targets), reduction)
 
 
 def sequence_logprob(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -246,16 +291,9 @@ def logit_margin_flattening(
     """
     sel = _select(logits, labels, reduction)
     _check_ref(ref_logits, logits, required=False)
-    rows = sel.rows(logits)
-    if top_k is None:
-        centred = _pivot(rows)
-        margin = centred.max(dim=-1).values - centred.mean(dim=-1)
-        per_token = margin.pow(2)
-    else:
-        k = _check_top_k(top_k, logits.shape[-1])
-        source = rows if ref_logits is None else sel.rows(ref_logits)
-        per_token = _topk_margin(rows, source, k)
-    return sel.reduce(per_token, reduction)
+    k = None if top_k is None else _check_top_k(top_k, logits.shape[-1])
+    ref = None if (k is None or ref_logits is None) else sel.rows(ref_logits)
+    return sel.reduce(row_margin(sel.rows(logits), sel.targets, ref, top_k=k), reduction)
 
 
 def _unilogit_log_target(rows: Tensor, targets: Tensor) -> Tensor:
@@ -284,11 +322,7 @@ def unilogit(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
     sel = _select(logits, labels, reduction)
     if logits.shape[-1] < 2:
         raise ValueError("unilogit needs a vocabulary of at least 2 tokens")
-    rows = sel.rows(logits)
-    log_q = _unilogit_log_target(rows, sel.targets)
-    log_p = F.log_softmax(rows, dim=-1)
-    per_token = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    return sel.reduce(per_token, reduction)
+    return sel.reduce(row_unilogit(sel.rows(logits), sel.targets), reduction)
 
 
 def _sequence_reduce(per_sample: Tensor, count: Tensor, reduction: str) -> Tensor:
@@ -361,9 +395,7 @@ def max_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tens
     0 exactly when every logit of a row is equal.
     """
     sel = _select(logits, labels, reduction)
-    rows = sel.rows(logits)
-    per_token = torch.logsumexp(rows, dim=-1) - rows.mean(dim=-1) - math.log(rows.shape[-1])
-    return sel.reduce(per_token, reduction)
+    return sel.reduce(row_max_entropy(sel.rows(logits), sel.targets), reduction)
 
 
 def undial(
@@ -381,13 +413,7 @@ def undial(
     """
     sel = _select(logits, labels, reduction)
     _check_ref(ref_logits, logits)
-    rows = sel.rows(logits)
-    with torch.no_grad():
-        ref = sel.rows(ref_logits.detach())
-        tgt = sel.targets.unsqueeze(-1)
-        ref = ref.scatter(-1, tgt, ref.gather(-1, tgt) - beta)
-        teacher = F.softmax(ref, dim=-1)
-    per_token = -(teacher * F.log_softmax(rows, dim=-1)).sum(dim=-1)
+    per_token = row_undial(sel.rows(logits), sel.targets, sel.rows(ref_logits), beta=beta)
     return sel.reduce(per_token, reduction)
 
 
@@ -414,12 +440,7 @@ def kl_to_ref(
     sel = _select(logits, labels, reduction, extra_mask=mask)
     if sel.n == 0:
         return sel.zero(reduction)
-    rows = sel.rows(logits)
-    log_p = F.log_softmax(rows, dim=-1)
-    with torch.no_grad():
-        log_ref = F.log_softmax(sel.rows(ref_logits.detach()), dim=-1)
-    per_token = (log_p.exp() * (log_p - log_ref)).sum(dim=-1)
-    return sel.reduce(per_token, reduction)
+    return sel.reduce(row_kl(sel.rows(logits), sel.targets, sel.rows(ref_logits)), reduction)
 
 
 def palu_local(
@@ -446,6 +467,5 @@ def palu_local(
     sel = _Selection(logits, labels, extra_mask=onset_mask)
     if sel.n == 0:
         return sel.zero(reduction)
-    rows = sel.rows(logits)
-    per_token = _topk_margin(rows, sel.rows(ref_logits), k)
+    per_token = row_margin(sel.rows(logits), sel.targets, sel.rows(ref_logits), top_k=k)
     return sel.reduce(per_token, reduction)
