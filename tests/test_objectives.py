@@ -202,3 +202,21 @@ def test_optimizer_groups_skip_decay_on_norms():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     norm = model.model.norm.weight
     assert id(norm) not in decayed and id(model.model.embed_tokens.weight) in decayed
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_fused_path_gives_the_plain_loss_and_gradients(name):
+    forget, retain = make_batch(1), make_batch(2)
+    results = []
+    for fused in (False, True):
+        model = tiny_model()
+        objective = prepared(name, model, forget, retain)
+        ref = frozen_copy(model) if objective.needs_ref else None
+        dual = DualController(lam_0=3.0, eps=1.0) if objective.uses_dual else None
+        out = objective.compute(StepInputs(model, forget, retain, ref, dual, fused=fused,
+                                           chunk_size=7))
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((float(out.loss.detach()), grads))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)

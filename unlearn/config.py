@@ -106,6 +106,8 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     bucket_by_length: bool = Field(True, description="length-bucketed batches (less padding)")
+    fused_losses: bool = Field(True, description="chunked losses from hidden states (no full logits)")
+    loss_chunk_size: int = Field(1024, ge=1, description="supervised positions per logits chunk")
     seed: int = 0
 
 

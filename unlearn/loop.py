@@ -48,6 +48,8 @@ class Unlearner:
     dual: DualController | None = None
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     max_grad_norm: float | None = 1.0
+    fused: bool = True  # fused chunked losses; False = plain losses on full logits (reference)
+    chunk_size: int = 1024
     extra: dict = field(default_factory=dict)
     global_step: int = 0
 
@@ -69,7 +71,8 @@ class Unlearner:
         tokens = 0
         scale = 1.0 / len(micro_batches)
         for forget, retain in micro_batches:
-            inputs = StepInputs(self.model, forget, retain, self.ref_model, self.dual, self.extra)
+            inputs = StepInputs(self.model, forget, retain, self.ref_model, self.dual, self.extra,
+                                fused=self.fused, chunk_size=self.chunk_size)
             out = self.objective.compute(inputs)
             (out.loss * scale).backward()
             _accumulate(totals, "loss", float(out.loss.detach()) * scale)

@@ -252,7 +252,8 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool
     unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual,
                           scheduler=build_scheduler(optimizer, total_steps, schedule=t.schedule,
                                                     warmup_ratio=t.warmup_ratio),
-                          max_grad_norm=t.max_grad_norm)
+                          max_grad_norm=t.max_grad_norm, fused=t.fused_losses,
+                          chunk_size=t.loss_chunk_size)
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
     for epoch in range(t.epochs):

@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from unlearn import losses
+from unlearn.fused import DEFAULT_CHUNK
+from unlearn.objectives import ops
+from unlearn.objectives.ops import HeadOutput
 
 Batch = dict[str, Tensor]
 MODEL_INPUTS = ("input_ids", "attention_mask")
@@ -30,6 +32,8 @@ class StepInputs:
     ref_model: nn.Module | None = None
     dual: Any = None  # unlearn.dual.DualController for constrained methods
     extra: dict[str, Any] = field(default_factory=dict)
+    fused: bool = False  # fused chunked losses (never the full logits) instead of plain ones
+    chunk_size: int = DEFAULT_CHUNK
 
 
 @dataclass
@@ -42,22 +46,40 @@ class ObjectiveOutput:
 
 @dataclass
 class ForgetForward:
-    logits: Tensor
-    ref_logits: Tensor | None
-    hidden_states: tuple[Tensor, ...] | None
+    out: HeadOutput
+    ref: HeadOutput | None
 
 
 def forward_logits(model: nn.Module, batch: Batch, *, hidden: bool = False):
-    """Logits ``[B,T,V]`` (and the last hidden state when ``hidden``) of ``batch``."""
+    """Logits ``[B,T,V]`` (and the hidden states of every layer when ``hidden``) of ``batch``."""
     out = model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=hidden, use_cache=False)
     return (out.logits, out.hidden_states) if hidden else out.logits
 
 
+def forward_output(model: nn.Module, batch: Batch, *, fused: bool = False, hidden: bool = False,
+                   chunk_size: int = DEFAULT_CHUNK) -> HeadOutput:
+    """A forward pass for the losses: logits (plain), or the decoder's final hidden state and
+    the LM head weight (fused: the head is applied chunk by chunk inside the loss)."""
+    if not fused:
+        out = forward_logits(model, batch, hidden=hidden)
+        logits, states = out if hidden else (out, None)
+        return HeadOutput(logits=logits, hidden_states=states)
+    decoder = model.get_decoder()
+    out = decoder(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=hidden, use_cache=False)
+    return HeadOutput(hidden=out.last_hidden_state, weight=model.get_output_embeddings().weight,
+                      hidden_states=out.hidden_states if hidden else None, chunk_size=chunk_size)
+
+
 @torch.no_grad()
-def reference_logits(ref_model: nn.Module | None, batch: Batch) -> Tensor:
-    if ref_model is None:
+def reference_output(inputs: StepInputs, batch: Batch) -> HeadOutput:
+    if inputs.ref_model is None:
         raise ValueError("this objective needs a frozen reference model (ref_model is None)")
-    return forward_logits(ref_model, batch)
+    return forward_output(inputs.ref_model, batch, fused=inputs.fused, chunk_size=inputs.chunk_size)
+
+
+def model_output(inputs: StepInputs, batch: Batch, hidden: bool = False) -> HeadOutput:
+    return forward_output(inputs.model, batch, fused=inputs.fused, hidden=hidden,
+                          chunk_size=inputs.chunk_size)
 
 
 class Objective:
@@ -93,7 +115,7 @@ class Objective:
         """Whether a frozen reference copy of the starting model must be kept."""
         return self.params.get("retain_loss") == "kl" or self.forget_needs_ref()
 
-    def forget_loss(self, logits: Tensor, batch: Batch, ref_logits: Tensor | None,
+    def forget_loss(self, out: HeadOutput, batch: Batch, ref: HeadOutput | None,
                     reduction: str = "mean") -> Tensor:
         raise NotImplementedError
 
@@ -109,25 +131,23 @@ class Objective:
 
     def forward_forget(self, inputs: StepInputs, hidden: bool = False) -> ForgetForward:
         """The model's (and, when the loss needs it, the reference's) pass on the forget batch."""
-        out = forward_logits(inputs.model, inputs.forget, hidden=hidden)
-        logits, hidden_states = out if hidden else (out, None)
-        ref = reference_logits(inputs.ref_model, inputs.forget) if self.forget_needs_ref() else None
-        return ForgetForward(logits, ref, hidden_states)
+        out = model_output(inputs, inputs.forget, hidden=hidden)
+        ref = reference_output(inputs, inputs.forget) if self.forget_needs_ref() else None
+        return ForgetForward(out, ref)
 
     def forget_term(self, inputs: StepInputs, reduction: str = "mean", hidden: bool = False):
         """``(L_f, ForgetForward)`` on the forget batch."""
         fwd = self.forward_forget(inputs, hidden=hidden)
-        return self.forget_loss(fwd.logits, inputs.forget, fwd.ref_logits, reduction), fwd
+        return self.forget_loss(fwd.out, inputs.forget, fwd.ref, reduction), fwd
 
     def retain_term(self, inputs: StepInputs) -> Tensor:
         """Retain NLL, or ``KL(p_theta || p_ref)`` on the retain batch."""
         if inputs.retain is None:
             raise ValueError(f"method {self.name!r} needs a retain batch")
-        logits = forward_logits(inputs.model, inputs.retain)
+        out = model_output(inputs, inputs.retain)
         if self.params["retain_loss"] == "kl":
-            ref = reference_logits(inputs.ref_model, inputs.retain)
-            return losses.kl_to_ref(logits, inputs.retain["labels"], ref)
-        return losses.nll(logits, inputs.retain["labels"])
+            return ops.kl_to_ref(out, inputs.retain["labels"], reference_output(inputs, inputs.retain))
+        return ops.nll(out, inputs.retain["labels"])
 
     def wants_retain(self) -> bool:
         return self.uses_dual or float(self.params.get("alpha", 0.0)) > 0

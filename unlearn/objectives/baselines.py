@@ -10,7 +10,7 @@
 - UNDIAL:     L_f = mean_t CE(z_t, softmax(z_ref,t - beta onehot(y_t))), beta = 10, alpha = 0.
 """
 
-from unlearn import losses
+from unlearn.objectives import ops
 from unlearn.objectives.base import Objective
 from unlearn.objectives.registry import register
 
@@ -21,8 +21,8 @@ class GradAscent(Objective):
     description = "Gradient ascent on the forget NLL (no retain term)"
     defaults = {"gamma": 1.0, "alpha": 0.0, "retain_loss": "nll"}
 
-    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
-        return -losses.nll(logits, batch["labels"], reduction=reduction)
+    def forget_loss(self, out, batch, ref, reduction="mean"):
+        return -ops.nll(out, batch["labels"], reduction=reduction)
 
 
 @register
@@ -41,9 +41,8 @@ class NPO(Objective):
     def forget_needs_ref(self) -> bool:
         return True
 
-    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
-        return losses.npo(logits, batch["labels"], ref_logits, beta=float(self.params["beta"]),
-                          reduction=reduction)
+    def forget_loss(self, out, batch, ref, reduction="mean"):
+        return ops.npo(out, batch["labels"], ref, float(self.params["beta"]), reduction)
 
 
 @register
@@ -52,9 +51,9 @@ class SimNPO(Objective):
     description = "SimNPO: reference-free, length-normalised NPO (+ retain NLL)"
     defaults = {"gamma": 0.125, "alpha": 1.0, "retain_loss": "nll", "beta": 4.5, "delta": 0.0}
 
-    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
-        return losses.simnpo(logits, batch["labels"], beta=float(self.params["beta"]),
-                             delta=float(self.params["delta"]), reduction=reduction)
+    def forget_loss(self, out, batch, ref, reduction="mean"):
+        return ops.simnpo(out, batch["labels"], float(self.params["beta"]),
+                          float(self.params["delta"]), reduction)
 
 
 @register
@@ -63,8 +62,8 @@ class MaxEntropy(Objective):
     description = "Maximum entropy on forget tokens (KL(U || p)) + retain NLL"
     defaults = {"gamma": 0.1, "alpha": 1.0, "retain_loss": "nll"}
 
-    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
-        return losses.max_entropy(logits, batch["labels"], reduction=reduction)
+    def forget_loss(self, out, batch, ref, reduction="mean"):
+        return ops.max_entropy(out, batch["labels"], reduction=reduction)
 
 
 @register
@@ -76,6 +75,5 @@ class UNDIAL(Objective):
     def forget_needs_ref(self) -> bool:
         return True
 
-    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
-        return losses.undial(logits, batch["labels"], ref_logits, beta=float(self.params["beta"]),
-                             reduction=reduction)
+    def forget_loss(self, out, batch, ref, reduction="mean"):
+        return ops.undial(out, batch["labels"], ref, float(self.params["beta"]), reduction)

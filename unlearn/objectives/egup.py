@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearn import losses
+from unlearn.objectives import ops
 from unlearn.objectives.base import Batch, Objective, ObjectiveOutput, StepInputs, forward_logits
 from unlearn.objectives.registry import get_objective, register
 
@@ -162,15 +163,16 @@ class EGUP(Objective):
     def compute(self, inputs: StepInputs) -> ObjectiveOutput:
         inner, forget = self.inner, inputs.forget
         fwd = inner.forward_forget(inputs, hidden=True)
-        per_sample = inner.forget_loss(fwd.logits, forget, fwd.ref_logits, reduction="per_sample")
-        embeddings = answer_embedding(fwd.hidden_states[int(self.params["layer"])], forget["labels"])
+        per_sample = inner.forget_loss(fwd.out, forget, fwd.ref, reduction="per_sample")
+        embeddings = answer_embedding(fwd.out.hidden_states[int(self.params["layer"])],
+                                      forget["labels"])
         weight = self.weights(embeddings, forget.get("sample_id"))
         forget_loss = (weight * per_sample).mean()
         extra = None
         if self.params["use_proxy"]:
             if self.state.proxy_boundary is None:
                 raise RuntimeError("method 'egup': call prepare() before training")
-            nll_i = losses.nll(fwd.logits, forget["labels"], reduction="per_sample")
+            nll_i = ops.nll(fwd.out, forget["labels"], reduction="per_sample")
             proxy_penalty = torch.relu(nll_i - self.state.proxy_boundary).mean()
             extra = float(self.params["beta"]) * proxy_penalty
         retain = inner.retain_term(inputs) if inner.wants_retain() else None

@@ -10,7 +10,9 @@ mask built by ``unlearn.data.tokenize``) and in the vocabulary (the reference mo
 ``top_k`` larger than the vocabulary is clipped to it.
 """
 
-from unlearn import losses
+import torch
+
+from unlearn.objectives import ops
 from unlearn.objectives.base import Objective, ObjectiveOutput, StepInputs
 from unlearn.objectives.registry import register
 
@@ -31,26 +33,25 @@ class PALU(Objective):
     def forget_needs_ref(self) -> bool:
         return True
 
-    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
+    def forget_loss(self, out, batch, ref, reduction="mean"):
         if "onset_mask" not in batch:
             raise ValueError("method 'palu' needs forget batches with an onset_mask "
                              "(encode with prefix_tokens)")
-        top_k = min(int(self.params["top_k"]), logits.shape[-1])
-        return losses.palu_local(logits, batch["labels"], batch["onset_mask"], ref_logits,
-                                 top_k, reduction=reduction)
+        top_k = min(int(self.params["top_k"]), ops.vocab_size(out))
+        return ops.palu_local(out, batch["labels"], batch["onset_mask"], ref, top_k, reduction)
 
     def compute(self, inputs: StepInputs) -> ObjectiveOutput:
         fwd = self.forward_forget(inputs)
-        local = self.forget_loss(fwd.logits, inputs.forget, fwd.ref_logits)
-        neutral = self.neutral_loss(fwd.logits, inputs.forget, fwd.ref_logits)
+        local = self.forget_loss(fwd.out, inputs.forget, fwd.ref)
+        neutral = self.neutral_loss(fwd.out, inputs.forget, fwd.ref)
         retain = self.retain_term(inputs) if self.wants_retain() else None
         out = self.combine(local, retain, inputs, float(self.params["alpha"]) * neutral)
         out.metrics["neutral_loss"] = float(neutral.detach())
         return out
 
-    def neutral_loss(self, logits, batch, ref_logits):
+    def neutral_loss(self, out, batch, ref):
         """KL to the reference on non-sensitive answer tokens; 0 where there are none."""
         mask = batch.get("neutral_mask")
-        if mask is None or not bool(mask[:, 1:].any()):
-            return logits.sum() * 0.0
-        return losses.kl_to_ref(logits, batch["labels"], ref_logits, mask=mask)
+        if mask is None:
+            mask = torch.zeros_like(batch["labels"])
+        return ops.kl_to_ref(out, batch["labels"], ref, mask=mask)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from unlearn import losses
+from unlearn.objectives import ops
 from unlearn.objectives.base import Batch, Objective, ObjectiveOutput, StepInputs
+from unlearn.objectives.ops import HeadOutput, vocab_size
 from unlearn.objectives.registry import register
 
 
@@ -36,13 +37,11 @@ class PDU(Objective):
     def forget_needs_ref(self) -> bool:
         return self.params["top_k"] is not None and self.params["topk_source"] == "ref"
 
-    def forget_loss(self, logits: Tensor, batch: Batch, ref_logits, reduction="mean") -> Tensor:
+    def forget_loss(self, out: HeadOutput, batch: Batch, ref, reduction="mean") -> Tensor:
         top_k = self.params["top_k"]
         if top_k is not None:
-            top_k = min(int(top_k), logits.shape[-1])
-        return losses.logit_margin_flattening(
-            logits, batch["labels"], top_k=top_k, ref_logits=ref_logits, reduction=reduction
-        )
+            top_k = min(int(top_k), vocab_size(out))
+        return ops.margin(out, batch["labels"], top_k, ref, reduction)
 
     def combine(self, forget_loss, retain_loss, inputs: StepInputs, extra_terms=None):
         dual = inputs.dual

@@ -5,7 +5,7 @@
     loss = gamma * L_f + alpha * L_retain                 (alpha = 1)
 """
 
-from unlearn import losses
+from unlearn.objectives import ops
 from unlearn.objectives.base import Objective
 from unlearn.objectives.registry import register
 
@@ -16,5 +16,5 @@ class Unilogit(Objective):
     description = "Unilogit: KL to a self-target giving the gold token probability exactly 1/V"
     defaults = {"gamma": 1.0, "alpha": 1.0, "retain_loss": "nll"}
 
-    def forget_loss(self, logits, batch, ref_logits, reduction="mean"):
-        return losses.unilogit(logits, batch["labels"], reduction=reduction)
+    def forget_loss(self, out, batch, ref, reduction="mean"):
+        return ops.unilogit(out, batch["labels"], reduction=reduction)
