@@ -1,0 +1,158 @@
+"""Seconds per optimizer step, tokens/s and peak memory: plain vs fused losses.
+
+    .venv/bin/python bench/step.py                       # tiny model and SmolLM2-135M
+    .venv/bin/python bench/step.py --models tiny --steps 3
+
+Each (model, method, path) runs in its own process, so peak memory is its own. Batch: 8 forget
++ 8 retain QA pairs of the synthetic TOFU set (TOFU-like lengths, length-bucketed), AdamW.
+
+Memory, two figures (Linux /proc, in MiB):
+- ``peak``: the process's peak resident memory during the timed steps (VmHWM, reset after the
+  warm-up step);
+- ``above floor``: ``peak`` minus the floor that the loss cannot change: the process before the
+  model was loaded + the parameters, their gradients and AdamW's two states (4 x parameter
+  bytes; + the reference model's parameters for methods that keep one).
+
+Paths: ``plain`` = losses on the full logits ``[B,T,V]``; ``fused`` = chunked losses from hidden
+states (``unlearn.fused``); ``fused+ckpt`` = fused + activation checkpointing per decoder block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PATHS = ("plain", "fused", "fused+ckpt")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def worker(model_name: str, method: str, path: str, steps: int, batch_size: int) -> dict:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from unlearn.data import generate_tofu
+    from unlearn.dual import DualController
+    from unlearn.loop import Unlearner, build_optimizer
+    from unlearn.models import frozen_copy, load_model, load_tokenizer
+    from unlearn.objectives import get_objective
+    from unlearn.workflow import encode_records, make_batches
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(model_name)
+    splits = generate_tofu(seed=0)
+    pad = tokenizer.pad_token_id
+    forget = make_batches(encode_records(tokenizer, splits["forget10"], max_length=256),
+                          batch_size, pad, bucket=True)
+    retain = make_batches(encode_records(tokenizer, splits["retain90"], max_length=256),
+                          batch_size, pad, shuffle=True, bucket=True)
+    before_model_kib = _status_kib("VmRSS")
+    model = load_model(model_name, gradient_checkpointing=path == "fused+ckpt")
+    objective = get_objective(method)
+    ref = frozen_copy(model) if objective.needs_ref else None
+    dual = DualController(lam_0=1.0, eta_dual=1.0, eps=1.0) if objective.uses_dual else None
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor_kib = before_model_kib + (4 * param_bytes + (param_bytes if ref is not None else 0)) / 1024
+    unlearner = Unlearner(model, objective, build_optimizer(model, 1e-5, 0.0), ref_model=ref,
+                          dual=dual, fused=path != "plain")
+    pairs = [(forget[i % len(forget)], retain[i % len(retain)]) for i in range(steps + 1)]
+    unlearner.step([pairs[0]])  # warm-up: allocates gradients and optimizer states
+    _reset_peak()
+    times, tokens = [], []
+    for pair in pairs[1:]:
+        start = time.perf_counter()
+        metrics = unlearner.step([pair])
+        times.append(time.perf_counter() - start)
+        tokens.append(metrics["tokens"])
+    peak_kib = _status_kib("VmHWM")
+    step_s = statistics.median(times)
+    return {
+        "model": model_name, "method": method, "path": path, "step_s": step_s,
+        "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times)),
+        "peak_mib": peak_kib / 1024, "above_floor_mib": (peak_kib - floor_kib) / 1024,
+        "floor_mib": floor_kib / 1024, "vocab": model.config.vocab_size,
+    }
+
+
+def run_all(models, methods, paths, steps, batch_size) -> list[dict]:
+    rows = []
+    for model in models:
+        for method in methods:
+            for path in paths:
+                if path == "fused+ckpt" and method != "pdu":
+                    continue
+                cmd = [sys.executable, __file__, "--worker", model, method, path,
+                       "--steps", str(steps), "--batch-size", str(batch_size)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
+                                     "TOKENIZERS_PARALLELISM": "false"})
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"worker failed: {' '.join(cmd)}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"  {model:14s} {method:10s} {path:11s} {row['step_s']:.3f} s/step", flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    from unlearn.report import format_table
+
+    plain = {(r["model"], r["method"]): r for r in rows if r["path"] == "plain"}
+    graddiff = {(r["model"], r["path"]): r for r in rows if r["method"] == "grad_diff"}
+    table = []
+    for r in rows:
+        base = plain[(r["model"], r["method"])]
+        gd = graddiff.get((r["model"], r["path"]))
+        table.append([
+            r["model"], r["method"], r["path"], r["step_s"], r["tokens_per_s"], r["peak_mib"],
+            r["above_floor_mib"], base["step_s"] / r["step_s"], r["peak_mib"] / base["peak_mib"],
+            r["above_floor_mib"] / base["above_floor_mib"],
+            r["step_s"] / gd["step_s"] if gd and r["method"] == "pdu" else None,
+        ])
+    print(format_table(
+        ["model", "method", "path", "s/step", "tok/s", "peak MiB", "above floor MiB",
+         "speed vs plain", "peak vs plain", "above-floor vs plain", "pdu/graddiff time"],
+        table))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m"])
+    parser.add_argument("--methods", nargs="+", default=["pdu", "npo", "grad_diff"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "PATH"))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, steps=args.steps, batch_size=args.batch_size)))
+        return
+    rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size)
+    print()
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
