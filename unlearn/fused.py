@@ -9,6 +9,8 @@ model). Every loss here needs a few numbers per SUPERVISED position only, so the
    the plain loss (``unlearn.losses.row_*``), and keep only the per-row values ``[N]``;
 3. in backward, recompute each chunk's logits with grad enabled and back-propagate the chunk
    (a custom autograd function), so peak extra memory is ``O(chunk_size x V)``, not ``O(B T V)``.
+   PDU's plain margin needs no recompute at all: its gradient has a closed form in the argmax
+   row and the mean head row (``_MarginHead``).
 
 Prompt and padding positions never get logits at all. Values and gradients equal the plain
 losses applied to ``logits = hidden @ weight.T`` (tests: 1e-5 relative in fp32). Reference
@@ -63,6 +65,42 @@ class _ChunkedHead(torch.autograd.Function):
             grad_hidden[s:e] = d_rows
             grad_weight += d_head.float()
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+class _MarginHead(torch.autograd.Function):
+    """PDU's ``(max_j z_j - mean_j z_j)^2`` per row, ``z = h W^T``, with a closed-form backward.
+
+    The mean is linear in the hidden state (``mean_j z_j = h . w_bar``, ``w_bar`` the mean head
+    row) and the gradient of the max only reaches the argmax row, so backward needs no logits:
+    ``dh = 2 g m (W[argmax] - w_bar)``, ``dW = 2 g m h`` added to the argmax row minus its mean
+    spread over every row. Forward makes the logits chunk by chunk only to find the max.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, chunk_size):
+        w_bar = weight.float().mean(dim=0)
+        maxima, argmax = [], []
+        with torch.no_grad():
+            for s, e in _chunks(hidden.shape[0], chunk_size):
+                top = _logits(hidden[s:e], weight).max(dim=-1)
+                maxima.append(top.values)
+                argmax.append(top.indices)
+        if not maxima:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        margin = torch.cat(maxima) - hidden.float() @ w_bar
+        ctx.save_for_backward(hidden, weight, torch.cat(argmax), margin, w_bar)
+        return margin.pow(2)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        hidden, weight, argmax, margin, w_bar = ctx.saved_tensors
+        coef = (2.0 * grad_values * margin).unsqueeze(-1)
+        grad_hidden = coef * (weight[argmax].float() - w_bar)
+        weighted = coef * hidden.float()
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight.index_add_(0, argmax, weighted)
+        grad_weight -= weighted.sum(dim=0) / weight.shape[0]
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
 
 
 def _chunks(n: int, size: int):
@@ -123,6 +161,12 @@ class _Rows:
         return _ChunkedHead.apply(self.gather(self.hidden), self.weight, ref_rows, ref_w,
                                   self.targets, kernel, chunk_size)
 
+    def margins(self, chunk_size: int) -> Tensor:
+        """Per-row squared logit margin (PDU, ``top_k=None``) without logits in backward."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return _MarginHead.apply(self.gather(self.hidden), self.weight, chunk_size)
+
     def reduce(self, per_token: Tensor, reduction: str) -> Tensor:
         if self.n == 0:  # a zero that keeps a (zero) gradient path, never NaN
             zero = self.hidden[:, :0].sum() * 0.0 + self.weight[:0].sum() * 0.0
@@ -171,7 +215,9 @@ def fused_logit_margin_flattening(hidden, weight, labels, top_k=None, ref_hidden
     """``losses.logit_margin_flattening`` (PDU); top-k indices from the reference when given."""
     rows = _Rows(hidden, weight, labels, reduction)
     k = _top_k(top_k, weight)
-    use_ref = k is not None and ref_hidden is not None
+    if k is None:
+        return rows.reduce(rows.margins(chunk_size), reduction)
+    use_ref = ref_hidden is not None
     if use_ref:
         _need_ref(ref_hidden, ref_weight, hidden)
 
