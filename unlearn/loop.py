@@ -182,6 +182,4 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False: the multi-tensor update makes temporaries the size of all parameters at
-    # once (hundreds of MB for a 135M model), a peak no loss-side saving can offset.
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=False)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
