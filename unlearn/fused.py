@@ -171,11 +171,7 @@ class _Rows:
         if self.n == 0:  # a zero that keeps a (zero) gradient path, never NaN
             zero = self.hidden[:, :0].sum() * 0.0 + self.weight[:0].sum() * 0.0
             return zero.float() if reduction == "mean" else zero.float().expand(self.batch_size)
-        if reduction == "mean":
-            return per_token.sum() / self.n
-        sums = per_token.new_zeros(self.batch_size).index_add(0, self.b_idx, per_token)
-        counts = torch.bincount(self.b_idx, minlength=self.batch_size).to(per_token.dtype)
-        return sums / counts.clamp(min=1)
+        return losses.reduce_rows(per_token, self.b_idx, self.batch_size, reduction)
 
     def per_sample_sum(self, per_token: Tensor) -> tuple[Tensor, Tensor]:
         sums = per_token.new_zeros(self.batch_size).index_add(0, self.b_idx, per_token)

@@ -157,11 +157,16 @@ class _Selection:
         return z.sum() if reduction == "mean" else z.sum(dim=(1, 2))
 
     def reduce(self, per_token: Tensor, reduction: str) -> Tensor:
-        if reduction == "mean":
-            return per_token.sum() / self.n
-        sums = per_token.new_zeros(self.batch_size).index_add(0, self.b_idx, per_token)
-        counts = torch.bincount(self.b_idx, minlength=self.batch_size).to(per_token.dtype)
-        return sums / counts.clamp(min=1)
+        return reduce_rows(per_token, self.b_idx, self.batch_size, reduction)
+
+
+def reduce_rows(per_token: Tensor, sample_of_row: Tensor, batch_size: int, reduction: str) -> Tensor:
+    """Mean over all rows, or each sample's mean over its own rows (``[B]``, 0 if it has none)."""
+    if reduction == "mean":
+        return per_token.sum() / per_token.numel()
+    sums = per_token.new_zeros(batch_size).index_add(0, sample_of_row, per_token)
+    counts = torch.bincount(sample_of_row, minlength=batch_size).to(per_token.dtype)
+    return sums / counts.clamp(min=1)
 
 
 def _select(
