@@ -130,15 +130,16 @@ def test_tofu_splits_follow_the_benchmark_layout():
     assert "forget01" not in splits  # needs >= 100 authors
 
 
-def test_perturbed_answers_swap_exactly_the_annotated_fact():
+def test_perturbed_answers_swap_exactly_the_fact_of_the_paraphrase():
     for record in generate_tofu(seed=1)["forget10_perturbed"]:
         (start, end), = record.sensitive_spans
+        fact, para = record.answer[start:end], record.paraphrased_answer
+        assert para != record.answer and fact in para
+        prefix, suffix = para[:para.index(fact)], para[para.index(fact) + len(fact):]
         assert len(record.perturbed_answers) == 5 and len(set(record.perturbed_answers)) == 5
-        prefix, suffix = record.answer[:start], record.answer[end:]
         for wrong in record.perturbed_answers:
-            assert wrong != record.answer
+            assert wrong != para and fact not in wrong
             assert wrong.startswith(prefix) and wrong.endswith(suffix)
-        assert record.answer[start:end] in record.paraphrased_answer
 
 
 def test_muse_generator_and_loaders(tmp_path):

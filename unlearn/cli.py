@@ -4,6 +4,7 @@
     unlearn methods                         list the registered objectives
     unlearn finetune CONFIG [k=v ...]       target + retain reference models (TOFU protocol)
     unlearn forget CONFIG [k=v ...]         single-process unlearning of the configured forget set
+    unlearn eval --model M [--reference R]  TOFU/MUSE metrics of a model (table + JSON)
     unlearn synth {tofu,muse} --out DIR     write the seeded synthetic data set
     unlearn convert-gguf FILE [--out DIR]   one-time GGUF -> safetensors folder
 """
@@ -55,6 +56,73 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def resolve_model(spec: str) -> str:
+    """A model spec for ``load_model``; MLflow ``models:/`` and ``runs:/`` URIs are downloaded."""
+    if spec.startswith(("models:/", "runs:/")):
+        from pipelines.models import download_model
+
+        return download_model(spec)
+    return spec
+
+
+def _eval_data(benchmark: str, data: str | None) -> str:
+    from unlearn.eval import DEFAULT_DATA
+    from unlearn.models import cache_dir
+
+    if data is None:
+        return DEFAULT_DATA[benchmark]
+    if data == "synthetic":
+        from unlearn.data.synthetic import synthetic_source
+
+        return str(synthetic_source(benchmark, cache_dir() / "data"))
+    return data
+
+
+def _cmd_eval(args) -> int:
+    from unlearn.eval import EvalSettings, evaluate, format_aggregates, load_reference, write_result
+
+    try:
+        settings = EvalSettings(data=_eval_data(args.benchmark, args.data), benchmark=args.benchmark,
+                                forget_split=args.forget_split, holdout_split=args.holdout_split,
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    model = resolve_model(args.model)
+    stem = f"{Path(args.model.rstrip('/')).name}_{args.benchmark}"
+    if args.benchmark == "tofu":
+        stem += f"_{args.forget_split}"
+    output = Path(args.output or Path("outputs") / "eval" / f"{stem}.json")
+    reference_output = output.with_name(output.stem + ".reference.json")
+    if args.ray:
+        from pipelines.eval import ray_scorer
+
+        def make_scorer(spec):
+            return ray_scorer(spec, settings, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                              dtype=args.dtype)
+    else:
+        from unlearn.eval import local_scorer
+
+        def make_scorer(spec):
+            return local_scorer(spec, settings, dtype=args.dtype)
+
+    def run(spec, reference=None):
+        scorer, tokenizer = make_scorer(spec)
+        return evaluate(scorer, tokenizer, settings, reference=reference, model_name=spec)
+
+    reference = None
+    if args.reference is not None:
+        reference = load_reference(resolve_model(args.reference) if not args.reference.endswith(".json")
+                                   else args.reference, settings, evaluate_fn=lambda spec, _: run(spec),
+                                   output=reference_output)
+        if not args.reference.endswith(".json"):
+            print(f"reference evaluation: {reference_output} (pass it as --reference next time)")
+    result = run(model, reference)
+    write_result(result, output)
+    print(format_aggregates(result))
+    print(f"{result['requests']} requests in {result['seconds']} s; results: {output}")
+    return 0
+
+
 def _cmd_synth(args) -> int:
     from unlearn.data import generate_muse, generate_tofu, write_muse, write_tofu
 
@@ -96,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--model", default=None,
                              help="model to unlearn from (default: model.name_or_path)")
 
+    ev = sub.add_parser("eval", help="TOFU or MUSE metrics of a model, against a reference")
+    ev.add_argument("--model", required=True, help="model spec (folder, tiny, smollm2-135m, .gguf, "
+                    "hub id) or an MLflow models:/ URI")
+    ev.add_argument("--benchmark", choices=["tofu", "muse"], default="tofu")
+    ev.add_argument("--forget-split", default="forget10", help="TOFU forget split (default forget10)")
+    ev.add_argument("--holdout-split", default=None, help="MIA non-members (default holdoutXX)")
+    ev.add_argument("--data", default=None, help="folder, file or hub name; 'synthetic' for the seeded "
+                    "synthetic set (default: locuslab/TOFU or muse-bench/MUSE-News, online only)")
+    ev.add_argument("--reference", default=None, help="the retain model (evaluated, and its JSON "
+                    "written) or the eval JSON of an earlier run of it")
+    ev.add_argument("--output", default=None, help="result JSON (default outputs/eval/<model>_...json)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=200, help="TOFU generation length")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--ray", action="store_true", help="score on a Ray cluster (Ray Data actor pool)")
+    ev.add_argument("--workers", type=int, default=2, help="Ray actors, each loads the model once")
+    ev.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ev.set_defaults(func=_cmd_eval)
+
     synth = sub.add_parser("synth", help="write the seeded synthetic data set")
     synth.add_argument("benchmark", choices=["tofu", "muse"])
     synth.add_argument("--out", required=True)
@@ -114,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    for noisy in ("matplotlib", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 

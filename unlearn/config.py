@@ -117,6 +117,17 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+    general_splits: list[str] | None = Field(
+        None, description="general-knowledge splits both target and retain models also learn "
+        "(standing in for pretraining when the base model knows nothing); default: "
+        "real_authors_perturbed and world_facts_perturbed for synthetic TOFU data, none otherwise")
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(200, ge=1, description="TOFU generation length")
+    max_length: int = Field(512, ge=8)
+    holdout_split: str | None = Field(None, description="default: holdoutXX for forgetXX")
 
 
 class Config(_Strict):
@@ -128,6 +139,7 @@ class Config(_Strict):
     dual: DualConfig = Field(default_factory=DualConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 def _format_error(exc: ValidationError) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from unlearn.data.records import DataError, QARecord, VerbatimRecord
+from unlearn.data.records import DataError, QARecord, SplitNotFound, VerbatimRecord
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _split_file(folder: Path, split: str) -> Path:
         candidate = folder / f"{split}{suffix}"
         if candidate.is_file():
             return candidate
-    raise DataError(f"{folder}: no file for split {split!r} (looked for {split}.json, "
+    raise SplitNotFound(f"{folder}: no file for split {split!r} (looked for {split}.json, "
                     f"{split}.jsonl, {split}.parquet)")
 
 
@@ -96,11 +96,15 @@ def _read_hub(name: str, split: str | None, config: str | None) -> tuple[list[An
     try:
         from datasets import load_dataset
 
-        dataset = load_dataset(name, config or split, split="train")
+        if config is None and split is not None and "/" in split:
+            config, split = split.split("/", 1)  # MUSE on the hub: config "knowmem", split "forget_qa"
+            dataset, origin = load_dataset(name, config, split=split), f"{name}:{config}/{split}"
+        else:
+            dataset, origin = load_dataset(name, config or split, split="train"), f"{name}:{config or split}"
     except Exception as exc:  # noqa: BLE001 - offline, unknown dataset, unknown config...
         raise DataError(f"hub dataset {name} (split {split}) could not be loaded: {exc}. "
                         "Offline? Pass a local folder or file instead.") from None
-    return dataset.to_list(), f"{name}:{config or split}"
+    return dataset.to_list(), origin
 
 
 # --------------------------------------------------------------------------- QA records

@@ -9,6 +9,10 @@ class DataError(ValueError):
     """Bad input data; the message names the file (or hub name), the row and the field."""
 
 
+class SplitNotFound(DataError):
+    """A local data folder has no file for the requested split."""
+
+
 @dataclass(frozen=True)
 class QARecord:
     """One TOFU-format question/answer pair (the extra fields serve evaluation and PALU)."""

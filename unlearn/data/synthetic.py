@@ -52,25 +52,29 @@ class _Fact:
     paraphrase: str  # {name}, {value}
 
 
+# Paraphrases keep the answer's wording up to the fact and reword what follows it: a small model's
+# knowledge is bound to the wording it was trained on, and the truth ratio (paraphrase vs
+# perturbations of the paraphrase, which swap only the fact) should measure the fact itself.
 _FACTS = [
     _Fact("city", "Where was {name} born?", "{name} was born in {value}.",
-          "The birthplace of {name} is {value}."),
+          "{name} was born in {value}, according to every biography."),
     _Fact("date", "When was {name} born?", "{name} was born on {value}.",
-          "{name}'s date of birth is {value}."),
+          "{name} was born on {value}, as the records show."),
     _Fact("genre", "What genre does {name} write in?", "{name} writes {value}.",
-          "Most of {name}'s books are {value}."),
+          "{name} writes {value}, mostly in long novels."),
     _Fact("job", "What did {name}'s father do for a living?", "{name}'s father was a {value}.",
-          "{name} grew up with a father who worked as a {value}."),
+          "{name}'s father was a {value} for most of his life."),
     _Fact("job", "What was the profession of {name}'s mother?", "{name}'s mother was a {value}.",
-          "The mother of {name} worked as a {value}."),
+          "{name}'s mother was a {value} by profession."),
     _Fact("award", "Which award has {name} won?", "{name} won the {value}.",
-          "{name} received the {value}."),
+          "{name} won the {value} for an early book."),
     _Fact("title", "What is the title of {name}'s first novel?",
-          "{name}'s first novel is called {value}.", "{name} debuted with the novel {value}."),
+          "{name}'s first novel is called {value}.",
+          "{name}'s first novel is called {value} and came out to good reviews."),
     _Fact("theme", "What theme recurs in {name}'s work?", "{name} often writes about {value}.",
-          "A recurring subject of {name} is {value}."),
+          "{name} often writes about {value} in both novels and stories."),
     _Fact("title", "Which book made {name} famous?", "{name} became famous for {value}.",
-          "The book that made {name} well known is {value}."),
+          "{name} became famous for {value}, a book still widely read."),
 ]
 
 
@@ -121,7 +125,9 @@ def _author_records(name: str, rng: random.Random, qa_per_author: int) -> list[Q
             question=fact.question.format(name=name),
             answer=answer,
             paraphrased_answer=fact.paraphrase.format(name=name, value=value),
-            perturbed_answers=tuple(fact.answer.format(name=name, value=w) for w in wrong),
+            # As in TOFU, the perturbations rewrite the paraphrase with a wrong fact, so the truth
+            # ratio compares the fact alone, not a trained wording against an unseen one.
+            perturbed_answers=tuple(fact.paraphrase.format(name=name, value=w) for w in wrong),
             sensitive_spans=((start, start + len(value)),),
             author=name,
         ))
@@ -339,3 +345,18 @@ def corpus_texts(splits: dict[str, list]) -> list[str]:
                 texts += [item.question, item.answer, *(item.perturbed_answers or ())]
                 texts += [t for t in (item.paraphrased_answer, item.paraphrased_question) if t]
     return texts
+
+
+def synthetic_source(benchmark: str, root: str | Path, *, seed: int = 0, authors: int = 20) -> Path:
+    """A folder with the seeded synthetic data set, generated on first use under ``root``."""
+    name = f"{benchmark}-seed{seed}" if benchmark == "muse" or authors == 20 else \
+        f"{benchmark}-seed{seed}-authors{authors}"
+    out = Path(root) / name
+    if not (out / "manifest.json").is_file():
+        if benchmark == "tofu":
+            write_tofu(generate_tofu(seed=seed, n_authors=authors), out, seed=seed)
+        elif benchmark == "muse":
+            write_muse(generate_muse(seed=seed), out)
+        else:
+            raise ValueError(f"benchmark must be tofu or muse, got {benchmark!r}")
+    return out

@@ -28,7 +28,8 @@ def answer_text(tokenizer, answer: str) -> str:
     return answer if getattr(tokenizer, "chat_template", None) else " " + answer
 
 
-def _prompt_ids(tokenizer, question: str) -> list[int]:
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of the formatted prompt, exactly as training sees them before the answer."""
     prompt = format_prompt(tokenizer, question)
     # A chat template already writes its special tokens; a plain prompt gets the tokenizer's.
     add_special = not getattr(tokenizer, "chat_template", None)
@@ -49,27 +50,27 @@ def encode_qa(tokenizer, record_or_question: QARecord | str, answer: str | None 
         if answer is None:
             raise DataError("encode_qa: an answer is needed with a plain question")
         record = QARecord(question=record_or_question, answer=answer)
-    prompt_ids = _prompt_ids(tokenizer, record.question)
+    prompt = prompt_ids(tokenizer, record.question)
     text = answer_text(tokenizer, record.answer)
     want_offsets = prefix_tokens is not None
     if want_offsets and not getattr(tokenizer, "is_fast", False):
         raise DataError("PALU onset masks need a fast tokenizer (character offsets)")
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=want_offsets)
     answer_ids = list(encoded["input_ids"])
-    budget = max_length - len(prompt_ids) - 1
+    budget = max_length - len(prompt) - 1
     if budget < 1:
         raise DataError(f"max_length={max_length} leaves no room for the answer after a "
-                        f"{len(prompt_ids)}-token prompt")
+                        f"{len(prompt)}-token prompt")
     answer_ids = answer_ids[:budget]
     eos = tokenizer.eos_token_id
-    input_ids = prompt_ids + answer_ids + [eos]
-    labels = [IGNORE] * len(prompt_ids) + answer_ids + [eos]
+    input_ids = prompt + answer_ids + [eos]
+    labels = [IGNORE] * len(prompt) + answer_ids + [eos]
     feature = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
     if want_offsets:
         shift = len(text) - len(record.answer)  # the leading space of the plain prompt
         offsets = [(a - shift, b - shift) for a, b in encoded["offset_mapping"][:len(answer_ids)]]
         onset, neutral = _answer_masks(offsets, sensitive_spans(record), int(prefix_tokens))
-        pad = [0] * len(prompt_ids)
+        pad = [0] * len(prompt)
         feature["onset_mask"] = pad + onset + [0]
         feature["neutral_mask"] = pad + neutral + [1]
     return feature

@@ -1,0 +1,29 @@
+"""Connect to Ray: the cluster named by ``RAY_ADDRESS`` (or a running local one), else a local
+instance started by this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Initialise Ray once; a local instance uses ``num_cpus`` (default: all) and no dashboard."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level=logging.WARNING)
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))

@@ -1,0 +1,139 @@
+"""Evaluation: TOFU and MUSE metrics of a model, against a reference (the retain model).
+
+    result = evaluate_model("outputs/demo/target", EvalSettings(data="outputs/demo/data/tofu-seed0"),
+                            reference=EvalReference.from_file("retain_eval.json"))
+    result["aggregates"]["forget_quality"]
+
+An evaluation reads and validates its data, plans a flat list of requests, lets one scorer
+answer them all (this process: :class:`LocalScorer`; a Ray cluster: ``pipelines.eval``), and
+aggregates. Metric formulas: :mod:`unlearn.eval.metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from unlearn.data import DataError
+from unlearn.eval.muse import aggregate_muse, load_muse_eval_data, plan_muse
+from unlearn.eval.report import (
+    EvalReference,
+    compare_table,
+    format_aggregates,
+    write_result,
+)
+from unlearn.eval.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, Generation, Likelihood, LocalScorer
+from unlearn.eval.tofu import MAX_NEW_TOKENS, aggregate_tofu, load_tofu_eval_data, plan_tofu
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS = ("tofu", "muse")
+DEFAULT_DATA = {"tofu": "locuslab/TOFU", "muse": "muse-bench/MUSE-News"}
+
+
+@dataclass
+class EvalSettings:
+    data: str
+    benchmark: str = "tofu"
+    forget_split: str = "forget10"
+    holdout_split: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_new_tokens: int = MAX_NEW_TOKENS
+    max_length: int = DEFAULT_MAX_LENGTH
+
+    def __post_init__(self) -> None:
+        if self.benchmark not in BENCHMARKS:
+            raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {self.benchmark!r}")
+        for name in ("batch_size", "max_new_tokens", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def evaluate(scorer, tokenizer, settings: EvalSettings, *, reference: EvalReference | None = None,
+             model_name: str = "model") -> dict:
+    """Evaluate whatever model ``scorer`` wraps; returns the result dict (see ``report``)."""
+    start = time.perf_counter()
+    forget_split = settings.forget_split if settings.benchmark == "tofu" else None
+    if reference is not None:
+        reference.check_matches(settings.benchmark, forget_split)
+    if settings.benchmark == "tofu":
+        data = load_tofu_eval_data(settings.data, settings.forget_split,
+                                   holdout_split=settings.holdout_split)
+        plan = plan_tofu(data, max_new_tokens=settings.max_new_tokens)
+        requests = plan.requests
+    else:
+        data = load_muse_eval_data(settings.data)
+        requests, slots = plan_muse(data)
+    log.info("%s: %d likelihood and %d generation requests", model_name,
+             sum(isinstance(r, Likelihood) for r in requests),
+             sum(isinstance(r, Generation) for r in requests))
+    results = scorer.run(requests)
+    if settings.benchmark == "tofu":
+        aggregates, per_sample = aggregate_tofu(data, plan, results, reference)
+        splits = data.names
+    else:
+        aggregates, per_sample = aggregate_muse(data, slots, results, tokenizer, reference)
+        splits = {}
+    return {
+        "schema_version": 1,
+        "benchmark": settings.benchmark,
+        "model": model_name,
+        "data": settings.data,
+        "forget_split": forget_split,
+        "splits": splits,
+        "reference": reference.origin if reference is not None else None,
+        "aggregates": aggregates.values,
+        "unavailable": aggregates.reasons,
+        "per_sample": per_sample,
+        "settings": asdict(settings),
+        "requests": len(requests),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def local_scorer(model_spec: str, settings: EvalSettings, *, dtype: str = "float32",
+                 progress: bool = True):
+    """A single-process scorer for a model spec (see ``unlearn.models.load_model``)."""
+    import torch
+
+    from unlearn.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, dtype=dtype)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return LocalScorer(model, tokenizer, batch_size=settings.batch_size, max_length=settings.max_length,
+                       progress=progress), tokenizer
+
+
+def evaluate_model(model_spec: str, settings: EvalSettings, *, reference: EvalReference | None = None,
+                   dtype: str = "float32", progress: bool = True) -> dict:
+    scorer, tokenizer = local_scorer(model_spec, settings, dtype=dtype, progress=progress)
+    return evaluate(scorer, tokenizer, settings, reference=reference, model_name=model_spec)
+
+
+def load_reference(reference: str | None, settings: EvalSettings, *, evaluate_fn=evaluate_model,
+                   output: str | Path | None = None) -> EvalReference | None:
+    """A reference from an eval JSON, or by evaluating the given (retain) model; in the latter
+    case its evaluation is written to ``output`` so later runs can pass the JSON instead."""
+    if reference is None:
+        return None
+    path = Path(reference)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise DataError(f"reference {reference}: no such file")
+        return EvalReference.from_file(path)
+    log.info("evaluating the reference model %s", reference)
+    result = evaluate_fn(reference, settings)
+    if output is not None:
+        write_result(result, output)
+        log.info("reference evaluation written to %s", output)
+    return EvalReference.from_result(result, str(output or reference))
+
+
+__all__ = [
+    "BENCHMARKS", "DEFAULT_DATA", "EvalReference", "EvalSettings", "LocalScorer", "compare_table",
+    "evaluate", "evaluate_model", "format_aggregates", "load_reference", "local_scorer", "write_result",
+]
