@@ -72,7 +72,8 @@ class RayScorer:
             fn_constructor_kwargs={"model_spec": self.model_spec, "batch_size": self.settings.batch_size,
                                    "max_length": self.settings.max_length, "dtype": self.dtype,
                                    "threads": self.cpus_per_worker},
-            batch_size=per_call, batch_format="numpy", concurrency=self.workers,
+            batch_size=per_call, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker,
         )
         results: list[dict | None] = [None] * len(requests)

@@ -7,24 +7,16 @@ import json
 
 import pytest
 
-from unlearn.config import build_config
-from unlearn.workflow import run_finetune, run_unlearning
+from unlearn.workflow import run_unlearning
 
 # The retain constraint is enforced by a dual variable, not projected: allow the final retain
 # loss to exceed eps by this relative margin.
 EPS_TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
-    cfg = build_config({}, [f"output_dir={out}"])
-    return cfg, run_finetune(cfg, progress=False)
-
-
 @pytest.mark.slow
 def test_target_memorises_and_retain_model_does_not(finetuned):
-    _, report = finetuned
+    _, report, _ = finetuned
     probs = report["forget_prob"]
     print("forget-set Prob:", json.dumps(probs))
     assert probs["target"] > 0.8, "the target must memorise its forget set"
@@ -34,7 +26,7 @@ def test_target_memorises_and_retain_model_does_not(finetuned):
 
 @pytest.mark.slow
 def test_pdu_forgets_while_retain_loss_respects_eps(finetuned):
-    cfg, report = finetuned
+    cfg, report, _ = finetuned
     result = run_unlearning(cfg, report["target"], progress=False)
     before, after, eps = result["before"], result["after"], result["eps"]
     print("PDU before:", before, "after:", after, "eps:", eps)
@@ -43,3 +35,20 @@ def test_pdu_forgets_while_retain_loss_respects_eps(finetuned):
     history = result["history"]
     assert {"lam", "eps", "slack", "forget_loss", "retain_loss"} <= set(history[0])
     assert history[-1]["forget_loss"] < history[0]["forget_loss"]
+
+
+@pytest.mark.slow
+def test_demo_command_prints_the_table_and_writes_the_summary(tmp_path, capsys):
+    from unlearn import cli
+
+    code = cli.main(["demo", "--output", str(tmp_path), "finetune.epochs=2", "train.epochs=1",
+                     "eval.max_new_tokens=8"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "forget_quality" in printed and "unlearned (after)" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for stage in ("before", "after"):
+        assert {"forget_quality", "model_utility", "forget_prob", "privleak"} <= set(summary[stage])
+    assert summary["before"]["forget_quality"] is not None  # the retain model is the reference
+    assert (tmp_path / "eval" / "retain.json").is_file()
+    assert (tmp_path / "unlearned" / "config.json").is_file()

@@ -1,4 +1,4 @@
-"""The single-process demo: tiny model, synthetic TOFU data, finetune, then PDU unlearning.
+"""The single-process demo: tiny model, synthetic TOFU data, finetune, PDU unlearning, evaluation.
 
 The Ray pipeline replaces the unlearning stage with FSDP2 workers; the figures printed here
 are the same ones.
@@ -11,38 +11,67 @@ import time
 from pathlib import Path
 
 from unlearn.config import Config
+from unlearn.eval import EvalReference, EvalSettings, compare_table, evaluate_model, write_result
 from unlearn.report import format_table, plot_dual_dynamics
-from unlearn.workflow import run_finetune, run_unlearning
+from unlearn.workflow import resolve_source, run_finetune, run_unlearning
+
+HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
+            "privleak", "extraction_strength")
+
+
+def eval_settings(cfg: Config) -> EvalSettings:
+    return EvalSettings(data=resolve_source(cfg), benchmark=cfg.data.benchmark,
+                        forget_split=cfg.data.forget_split, holdout_split=cfg.eval.holdout_split,
+                        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                        max_length=cfg.eval.max_length)
+
+
+def evaluate_stages(cfg: Config, models: dict[str, str], reference_model: str) -> dict[str, dict]:
+    """Evaluate each model against the retain model; every result is written to ``output_dir/eval``."""
+    settings, out = eval_settings(cfg), Path(cfg.output_dir) / "eval"
+    retain = evaluate_model(reference_model, settings, progress=False)
+    write_result(retain, out / "retain.json")
+    reference = EvalReference.from_result(retain, str(out / "retain.json"))
+    results = {"retain model": retain}
+    for name, path in models.items():
+        results[name] = evaluate_model(path, settings, reference=reference, progress=False)
+        write_result(results[name], out / f"{name}.json")
+    return results
 
 
 def run_demo(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"[1/2] finetuning target (full split) and retain models of {cfg.model.name_or_path!r} "
+    print(f"[1/3] finetuning target (full split) and retain models of {cfg.model.name_or_path!r} "
           f"on {cfg.data.source} {cfg.data.benchmark.upper()} data")
     finetuned = run_finetune(cfg)
-    print(f"[2/2] unlearning {cfg.data.forget_split} from the target with {cfg.method.name}")
+    print(f"[2/3] unlearning {cfg.data.forget_split} from the target with {cfg.method.name}")
     result = run_unlearning(cfg, finetuned["target"])
     plot = plot_dual_dynamics(result["history"], out / "dual_dynamics.png")
+    print("[3/3] evaluating target and unlearned models against the retain model")
+    evals = evaluate_stages(cfg, {"target": finetuned["target"], "unlearned": result["model_dir"]},
+                            finetuned["retain"])
 
-    probs = finetuned["forget_prob"]
-    rows = [
-        ["forget-set Prob", probs["base"], probs["target"], probs["retain"], result["after"]["forget_prob"]],
-        ["retain loss (NLL)", None, result["before"]["retain_loss"], None, result["after"]["retain_loss"]],
-    ]
     print()
-    print(format_table(["metric", "base", "target", "retain model", "unlearned"], rows))
+    keys = HEADLINE if cfg.data.benchmark == "tofu" else ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+    print(compare_table({"target (before)": evals["target"], "unlearned (after)": evals["unlearned"],
+                         "retain model": evals["retain model"]}, keys))
+    rows = [["retain loss (NLL)", result["before"]["retain_loss"], result["after"]["retain_loss"]]]
     if result["eps"] is not None:
         last = result["history"][-1]
-        print(f"constraint: retain loss <= eps = {result['eps']:.4f}; final lam = {last['lam_next']:.4g}")
+        rows.append(["eps (bound on retain loss)", None, result["eps"]])
+        rows.append(["lam (dual variable)", None, last["lam_next"]])
+    print(format_table(["training", "before", "after"], rows))
     summary = {
+        "before": evals["target"]["aggregates"], "after": evals["unlearned"]["aggregates"],
+        "reference": evals["retain model"]["aggregates"],
+        "training": {"before": result["before"], "after": result["after"], "eps": result["eps"]},
         "finetune": {k: v for k, v in finetuned.items() if not k.endswith("history")},
-        "before": result["before"], "after": result["after"], "eps": result["eps"],
         "model_dir": result["model_dir"], "plot": str(plot) if plot else None,
-        "seconds": round(time.perf_counter() - start, 1),
+        "eval_dir": str(out / "eval"), "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"unlearned model: {result['model_dir']}; plot: {plot}; summary: {out / 'summary.json'} "
-          f"({summary['seconds']} s)")
+    print(f"unlearned model: {result['model_dir']}\nplot: {plot}\nevaluations: {out / 'eval'}\n"
+          f"summary: {out / 'summary.json'} ({summary['seconds']} s)")
     return summary

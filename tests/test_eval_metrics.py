@@ -1,0 +1,143 @@
+"""Evaluation metrics on small constructed inputs, against values computed by hand."""
+
+import math
+
+import pytest
+
+from unlearn.eval import metrics
+from unlearn.eval.report import Aggregates, EvalReference, format_aggregates
+from unlearn.data import DataError
+
+
+def test_prob_is_exp_of_minus_mean_nll():
+    assert metrics.prob([-1.0, -3.0]) == pytest.approx(math.exp(-2.0))
+    assert metrics.mean_nll([-0.5, -1.5]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        metrics.prob([])
+
+
+def test_truth_ratio_by_hand():
+    # P_pert = exp(-mean(2, 4)) = exp(-3), P_para = exp(-1): tr = exp(-2)
+    assert metrics.truth_ratio(1.0, [2.0, 4.0]) == pytest.approx(math.exp(-2.0))
+    # geometric mean over perturbations, not the arithmetic mean of probabilities
+    arithmetic = (math.exp(-2.0) + math.exp(-4.0)) / 2 / math.exp(-1.0)
+    assert metrics.truth_ratio(1.0, [2.0, 4.0]) != pytest.approx(arithmetic)
+    with pytest.raises(ValueError):
+        metrics.truth_ratio(1.0, [])
+
+
+def test_truth_ratio_is_one_when_true_and_false_answers_are_equally_likely():
+    assert metrics.truth_ratio(2.5, [2.5, 2.5, 2.5]) == pytest.approx(1.0)
+    assert metrics.forget_truth_ratio_score([1.0, 1.0]) == pytest.approx(1.0)
+    assert metrics.retain_truth_ratio_score([1.0]) == 0.0
+
+
+def test_truth_ratio_scores_by_hand():
+    assert metrics.forget_truth_ratio_score([2.0, 0.5, 1.0]) == pytest.approx(2 / 3)
+    assert metrics.retain_truth_ratio_score([0.25, 2.0]) == pytest.approx(0.375)
+
+
+def test_normalised_prob_by_hand():
+    # P(true) = 1/2, P(perturbed) = 1/4 each -> 0.5 / (0.5 + 0.5)
+    assert metrics.normalised_prob(math.log(2), [math.log(4), math.log(4)]) == pytest.approx(0.5)
+    assert metrics.normalised_prob(0.0, []) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("correct, expected", [
+    ([True, True, True], 1.0),
+    ([False, True, True, True], 0.75),
+    ([True, False, True, True], 0.5),
+    ([True, True, False], 0.0),
+    ([False], 0.0),
+])
+def test_extraction_strength_on_constructed_cases(correct, expected):
+    assert metrics.extraction_strength(correct) == pytest.approx(expected)
+
+
+def test_min_k_takes_the_lowest_fraction():
+    logprobs = [-3.0, -1.0, -5.0, -2.0, -4.0]
+    assert metrics.min_k_score(logprobs, 0.4) == pytest.approx(-4.5)  # two lowest: -5, -4
+    assert metrics.min_k_score(logprobs, 0.1) == pytest.approx(-5.0)  # at least one token
+    assert metrics.min_k_score(logprobs, 1.0) == pytest.approx(-3.0)  # the mean
+    with pytest.raises(ValueError):
+        metrics.min_k_score(logprobs, 0.0)
+
+
+def test_zlib_and_loss_scores():
+    text = "abc abc abc"
+    import zlib
+
+    assert metrics.zlib_score([-1.0, -2.0], text) == pytest.approx(-3.0 / len(zlib.compress(text.encode())))
+    assert metrics.loss_score([-1.0, -2.0]) == pytest.approx(-1.5)
+
+
+def test_auc_orientation_members_scoring_higher_give_auc_one():
+    # members are the positive class and a higher score means "more likely a member"
+    assert metrics.mia_auc([-1.0, -0.5], [-3.0, -2.0]) == 1.0
+    assert metrics.mia_auc([-3.0, -2.0], [-1.0, -0.5]) == 0.0
+    assert metrics.mia_auc([-1.0, -3.0], [-2.0, -4.0]) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        metrics.mia_auc([], [1.0])
+
+
+def test_privleak_by_hand_and_sign():
+    assert metrics.privleak(0.75, 0.5) == pytest.approx(50.0)  # still leaks: positive
+    assert metrics.privleak(0.25, 0.5) == pytest.approx(-50.0)  # over-unlearned: negative
+    assert metrics.privleak(0.6, 0.6) == 0.0
+    with pytest.raises(ValueError):
+        metrics.privleak(0.5, 0.0)
+
+
+def test_forget_quality_is_the_ks_p_value():
+    assert metrics.forget_quality([0.1, 0.5, 0.9], [0.1, 0.5, 0.9]) == pytest.approx(1.0)
+    # disjoint samples of 3 and 3: exact two-sided p = 2 / C(6, 3) = 0.1
+    assert metrics.forget_quality([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        metrics.forget_quality([], [1.0])
+
+
+def test_model_utility_is_the_harmonic_mean():
+    assert metrics.model_utility([1.0, 0.5]) == pytest.approx(2 / 3)
+    assert metrics.model_utility([0.2] * 9) == pytest.approx(0.2)
+    assert metrics.model_utility([0.9, 0.0, 0.8]) == 0.0
+    with pytest.raises(ValueError):
+        metrics.model_utility([0.5, -0.1])
+
+
+def test_rouge_l_recall_with_stemming_and_f1_without():
+    reference, prediction = "the cat sat on the mat", "the cats sat"
+    assert metrics.rouge_l(prediction, reference, measure="recall", stem=True) == pytest.approx(3 / 6)
+    assert metrics.rouge_l(prediction, reference, measure="recall", stem=False) == pytest.approx(2 / 6)
+    p, r = 2 / 3, 2 / 6
+    assert metrics.rouge_l(prediction, reference, measure="fmeasure", stem=False) == \
+        pytest.approx(2 * p * r / (p + r))
+    assert metrics.rouge_l("", reference) == 0.0
+    with pytest.raises(ValueError):
+        metrics.rouge_l(prediction, reference, measure="f2")
+
+
+def test_aggregates_record_a_reason_for_every_missing_value():
+    agg = Aggregates()
+    agg.set("forget_prob", 0.5)
+    agg.unavailable("forget_quality", "no reference")
+    agg.set("privleak", float("nan"))
+    assert agg.values == {"forget_prob": 0.5, "forget_quality": None, "privleak": None}
+    assert set(agg.reasons) == {"forget_quality", "privleak"}
+    table = format_aggregates({"benchmark": "tofu", "aggregates": agg.values, "unavailable": agg.reasons})
+    assert "forget_quality" in table and "n/a" in table and "no reference" in table
+
+
+def test_reference_checks_benchmark_split_and_count():
+    result = {"benchmark": "tofu", "forget_split": "forget10", "aggregates": {"mia_min_k_auc": 0.6},
+              "per_sample": {"forget": {"truth_ratio": [0.5, 0.7]}}}
+    ref = EvalReference.from_result(result, "ref.json")
+    assert ref.truth_ratios == [0.5, 0.7] and ref.mia_auc == 0.6
+    ref.check_matches("tofu", "forget10")
+    with pytest.raises(DataError, match="is a tofu evaluation, not muse"):
+        ref.check_matches("muse", None)
+    with pytest.raises(DataError, match="forget split 'forget10', not 'forget05'"):
+        ref.check_matches("tofu", "forget05")
+    with pytest.raises(DataError, match="not made on the same data"):
+        ref.check_count("forget truth ratios", 2, 3)
+    with pytest.raises(DataError, match="not an evaluation JSON"):
+        EvalReference.from_result({"aggregates": {}}, "x.json")
