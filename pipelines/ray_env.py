@@ -6,20 +6,25 @@ from __future__ import annotations
 import logging
 import os
 
+import ray.data
+
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Initialise Ray once; a local instance uses ``num_cpus`` (default: all) and no dashboard."""
+def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> None:
+    """Initialise Ray once; a local instance uses ``num_cpus`` (default: all) and no dashboard.
+    ``log_to_driver`` forwards the workers' output (the training progress lines) here."""
     import ray
 
     if ray.is_initialized():
         return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one line per dataset, not a stream of progress logs
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
              configure_logging=True, logging_level=logging.WARNING)
 
 

@@ -124,10 +124,33 @@ class FinetuneConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    reference: str | None = Field(None, description="retain model (folder/spec) or its eval JSON: "
+                                  "forget quality and privleak need it")
+    before: bool = Field(True, description="also evaluate the model before unlearning")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(200, ge=1, description="TOFU generation length")
     max_length: int = Field(512, ge=8)
     holdout_split: str | None = Field(None, description="default: holdoutXX for forgetXX")
+
+
+class RayConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (FSDP2 ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = {}
+    storage_path: str | None = Field(None, description="checkpoints (shared storage or s3://...); "
+                                     "default: output_dir/ray")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = each epoch")
+    keep_checkpoints: int = Field(2, ge=1)
+    fail_at_step: int | None = Field(None, ge=1, description="fault injection (tests): kill rank 1 "
+                                     "once, after this step")
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else "
+                                     "sqlite:///mlflow.db in the working directory")
+    experiment: str = "unlearn"
 
 
 class Config(_Strict):
@@ -140,6 +163,8 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
 def _format_error(exc: ValidationError) -> str:

@@ -64,9 +64,11 @@ def forward_output(model: nn.Module, batch: Batch, *, fused: bool = False, hidde
         out = forward_logits(model, batch, hidden=hidden)
         logits, states = out if hidden else (out, None)
         return HeadOutput(logits=logits, hidden_states=states)
-    decoder = model.get_decoder()
-    out = decoder(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=hidden, use_cache=False)
-    return HeadOutput(hidden=out.last_hidden_state, weight=model.get_output_embeddings().weight,
+    # Through the root forward (so FSDP2's root hooks gather the embeddings, final norm and head)
+    # with logits for one position only; the last hidden state is the decoder's normed output.
+    out = model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=True, logits_to_keep=1,
+                use_cache=False)
+    return HeadOutput(hidden=out.hidden_states[-1], weight=model.get_output_embeddings().weight,
                       hidden_states=out.hidden_states if hidden else None, chunk_size=chunk_size)
 
 

@@ -1,0 +1,124 @@
+"""Ray Data: forget / retain (/ proxy) records -> tokenised tensor rows -> each training worker.
+
+The driver reads and validates the records (a bad file fails before any worker starts), turns
+them into a Ray Dataset and tokenises it with ``map_batches`` over an actor class that loads the
+tokenizer once. Only tensor columns leave the tokeniser (``input_ids``, ``attention_mask``,
+``labels``, PALU masks, ``sample_id``).
+
+Each worker pulls its dataset (``get_dataset_shard``) and lays the rows out in the same
+deterministic, length-bucketed global batches as the single-process path
+(``unlearn.workflow.make_batches``, seeded per epoch); rank r takes rows r, r+N, ... of every
+global batch. So every rank takes exactly the same number of steps (no FSDP collective can hang on
+a short shard), and N workers see the same data per step as one process with the same config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from unlearn.data import QARecord
+from unlearn.loop import pair_batches
+from unlearn.workflow import encode_records, make_batches
+
+TENSOR_COLUMNS = ("input_ids", "attention_mask", "labels", "onset_mask", "neutral_mask")
+
+
+def record_rows(records: Sequence) -> list[dict]:
+    """One uniform row per record (JSON inside, so optional fields do not vary the schema)."""
+    rows = []
+    for index, record in enumerate(records):
+        payload = record if isinstance(record, str) else record.to_dict()
+        rows.append({"sample_id": index, "record": json.dumps(payload)})
+    return rows
+
+
+def _record(payload: str):
+    value = json.loads(payload)
+    if isinstance(value, str):
+        return value
+    spans = value.get("sensitive_spans")
+    return QARecord(question=value["question"], answer=value["answer"],
+                    paraphrased_answer=value.get("paraphrased_answer"),
+                    perturbed_answers=tuple(value.get("perturbed_answer", ())),
+                    sensitive_spans=tuple(tuple(s) for s in spans) if spans is not None else None)
+
+
+class TokenizeBatch:
+    """``map_batches`` callable class: the tokenizer is loaded once per actor."""
+
+    def __init__(self, tokenizer_spec: str, max_length: int, prefix_tokens: int | None = None) -> None:
+        from unlearn.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_spec)
+        self.max_length, self.prefix_tokens = max_length, prefix_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = [_record(payload) for payload in batch["record"]]
+        features = encode_records(self.tokenizer, records, max_length=self.max_length,
+                                  prefix_tokens=self.prefix_tokens)
+        out: dict[str, np.ndarray] = {"sample_id": np.asarray(batch["sample_id"], dtype=np.int64)}
+        for column in TENSOR_COLUMNS:
+            if column in features[0]:
+                out[column] = np.array([np.asarray(f[column], dtype=np.int64) for f in features] + [None],
+                                       dtype=object)[:-1]
+        return out
+
+
+def tokenized_dataset(records: Sequence, tokenizer_spec: str, *, max_length: int,
+                      prefix_tokens: int | None = None):
+    """A materialised Ray Dataset of tokenised rows."""
+    import ray
+
+    dataset = ray.data.from_items(record_rows(records))
+    tokenized = dataset.map_batches(
+        TokenizeBatch, fn_constructor_kwargs={"tokenizer_spec": tokenizer_spec, "max_length": max_length,
+                                              "prefix_tokens": prefix_tokens},
+        batch_size=64, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    # Tokenised now, while the CPUs are free: once the training workers hold every CPU of a small
+    # cluster, a lazy tokeniser actor would wait for one forever.
+    return tokenized.materialize()
+
+
+def pull_features(name: str) -> list[dict]:
+    """All rows of dataset ``name`` on this worker, as feature dicts ordered by ``sample_id``."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    rows = []
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        columns = [c for c in batch if c in TENSOR_COLUMNS]
+        for i, sample_id in enumerate(batch["sample_id"]):
+            feature = {c: [int(v) for v in batch[c][i]] for c in columns}
+            feature["sample_id"] = int(sample_id)
+            rows.append(feature)
+    rows.sort(key=lambda f: f["sample_id"])
+    return rows
+
+
+def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    return {key: value[rank::world] for key, value in batch.items()}
+
+
+def epoch_pairs(forget: list[dict], retain: list[dict] | None, *, batch_size: int, pad_token_id: int,
+                seed: int, epoch: int, bucket: bool, rank: int = 0, world: int = 1) -> list:
+    """This rank's (forget, retain) pairs of one epoch: the single-process global batches, sliced.
+
+    A global batch with fewer rows than workers is dropped: it would leave a rank without data.
+    """
+    forget_batches = make_batches(forget, batch_size, pad_token_id, shuffle=True, seed=seed + epoch,
+                                  bucket=bucket)
+    retain_batches = None
+    if retain is not None:
+        retain_batches = make_batches(retain, batch_size, pad_token_id, shuffle=True,
+                                      seed=seed + 10_000 + epoch, bucket=bucket)
+    pairs = []
+    for f, r in pair_batches(forget_batches, retain_batches):
+        if len(f["input_ids"]) < world or (r is not None and len(r["input_ids"]) < world):
+            continue
+        pairs.append((rank_slice(f, rank, world), None if r is None else rank_slice(r, rank, world)))
+    return pairs

@@ -1,0 +1,290 @@
+"""The product's main job: validate -> evaluate before -> FSDP2 unlearning on Ray Train ->
+export -> evaluate after -> MLflow -> ``summary.json``.
+
+    from pipelines.run import run_pipeline
+    summary = run_pipeline(load_config("configs/tofu_tiny.yaml"), model="outputs/target",
+                           reference="outputs/retain")
+
+Everything a user can get wrong (data, model, resources, MLflow) is checked on the driver before
+any worker starts. Re-running with the same ``run_name`` continues the same MLflow run and
+resumes training from the latest checkpoint under ``ray.storage_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from unlearn.config import Config, ConfigError
+from unlearn.data import DataError
+from unlearn.models import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "unlearn.run_name"
+EVAL_KEYS = ("forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
+             "privleak", "extraction_strength")
+
+
+class PipelineError(RuntimeError):
+    """A problem found before the run started (resources, MLflow, unsupported option)."""
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The MLflow URI; a relative sqlite path is made absolute so Ray workers find the same file."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def check_mlflow(uri: str) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - connection refused, bad URI, auth...
+        raise PipelineError(f"MLflow is not reachable at {uri}: {exc}. Start it, or set "
+                            "mlflow.tracking_uri / MLFLOW_TRACKING_URI") from None
+
+
+def check_model(spec: str) -> None:
+    from transformers import AutoConfig
+
+    from unlearn.models import resolve_model_path
+
+    path = resolve_model_path(spec)
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"model {spec!r} ({path}) cannot be loaded: {exc}") from None
+
+
+def check_resources(cfg: Config) -> None:
+    import ray
+
+    r = cfg.ray
+    total = ray.cluster_resources()
+    need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers if r.use_gpu else 0}
+    need.update({k: v * r.num_workers for k, v in r.resources_per_worker.items()})
+    short = {k: (v, total.get(k, 0)) for k, v in need.items() if v and v > total.get(k, 0)}
+    if short:
+        detail = ", ".join(f"{k}: {want:g} needed, {have:g} in the cluster" for k, (want, have) in short.items())
+        raise PipelineError(f"ray.num_workers={r.num_workers} do not fit the cluster ({detail}); lower "
+                            "ray.num_workers or ray.cpus_per_worker")
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
+def start_or_resume_run(cfg: Config, uri: str) -> tuple[str, bool]:
+    """The MLflow run of ``cfg.run_name``: the unfinished one if there is one, else a new one."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}' and "
+                                            "attributes.status != 'FINISHED'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    if runs:
+        return runs[0].info.run_id, True
+    run = client.create_run(experiment.experiment_id, run_name=cfg.run_name, tags={RUN_NAME_TAG: cfg.run_name})
+    params = flatten(cfg.model_dump(mode="json"))
+    from mlflow.entities import Param
+
+    items = list(params.items())
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in items[start:start + 100]])
+    return run.info.run_id, False
+
+
+def log_evaluation(client, run_id: str, stage: str, result: dict, out_dir: Path) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{stage}.{k}", float(v), now, 0) for k, v in result["aggregates"].items()
+               if v is not None]
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)
+    client.log_artifact(run_id, str(out_dir / f"{stage}.json"), artifact_path="eval")
+
+
+def step_history(client, run_id: str) -> list[dict]:
+    """Per-step metrics back from MLflow (the plot of the dual dynamics is drawn from them)."""
+    keys = ("lam", "retain_loss", "eps", "forget_loss")
+    by_step: dict[int, dict] = {}
+    for key in keys:
+        for metric in client.get_metric_history(run_id, key):
+            by_step.setdefault(metric.step, {"step": float(metric.step)})[key] = metric.value
+    history = [by_step[s] for s in sorted(by_step)]
+    for row in history:
+        if "lam" in row:
+            row.setdefault("lam_next", row["lam"])
+    return history
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _evaluate(spec: str, cfg: Config, reference, out: Path, name: str) -> dict:
+    from unlearn.demo import eval_settings
+    from unlearn.eval import evaluate_model, write_result
+
+    result = evaluate_model(spec, eval_settings(cfg), reference=reference, progress=False)
+    write_result(result, out / f"{name}.json")
+    return result
+
+
+def _reference(cfg: Config, reference: str | None, out: Path):
+    from unlearn.demo import eval_settings
+    from unlearn.eval import load_reference
+
+    source = reference or cfg.eval.reference
+    if source is None:
+        log.warning("no eval.reference (retain model or its eval JSON): forget quality and privleak "
+                    "will be reported unavailable")
+        return None
+    return load_reference(source, eval_settings(cfg), output=out / "reference.json")
+
+
+def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None = None) -> dict:
+    """Unlearn ``cfg.data.forget_split`` from ``model`` on Ray Train; returns the summary."""
+    import mlflow
+    from mlflow import MlflowClient
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.data import tokenized_dataset
+    from pipelines.ray_env import ensure_ray
+    from unlearn.eval import compare_table
+    from unlearn.report import plot_dual_dynamics
+    from unlearn.workflow import build_objective, load_unlearn_data, resolve_source
+
+    start = time.perf_counter()
+    spec = model or cfg.model.name_or_path
+    out = Path(cfg.output_dir).resolve()
+    eval_dir = out / "eval"
+    if cfg.model.lora is not None:
+        raise PipelineError("model.lora is not supported by the Ray pipeline yet; use `unlearn forget`")
+    # 1. everything that can be wrong, before any worker starts
+    objective = build_objective(cfg)
+    data = load_unlearn_data(cfg)
+    check_model(spec)
+    uri = tracking_uri(cfg)
+    check_mlflow(uri)
+    ensure_ray(log_to_driver=True)
+    check_resources(cfg)
+    storage = cfg.ray.storage_path or str(out / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    run_id, resumed = start_or_resume_run(cfg, uri)
+    client = MlflowClient(uri)
+    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
+
+    # 2. evaluate before
+    ref = _reference(cfg, reference, eval_dir)
+    results: dict[str, dict] = {}
+    if cfg.eval.before:
+        print(f"evaluating {spec} before unlearning", flush=True)
+        results["before"] = _evaluate(spec, cfg, ref, eval_dir, "before")
+        log_evaluation(client, run_id, "before", results["before"], eval_dir)
+
+    # 3. unlearn on Ray Train
+    tokenizer_spec = spec
+    prefix = objective.prefix_tokens()
+    datasets = {"forget": tokenized_dataset(data.forget, tokenizer_spec, max_length=cfg.data.max_length,
+                                            prefix_tokens=prefix)}
+    if objective.wants_retain() or objective.uses_dual:
+        datasets["retain"] = tokenized_dataset(data.retain, tokenizer_spec, max_length=cfg.data.max_length)
+    if data.proxy is not None and objective.name == "egup":
+        datasets["proxy"] = tokenized_dataset(data.proxy, tokenizer_spec, max_length=cfg.data.max_length)
+    r = cfg.ray
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "model": spec, "run_id": run_id,
+                           "tracking_uri": uri, "datasets": sorted(datasets), "storage_path": str(storage)},
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_worker, **r.resources_per_worker}),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    print(f"unlearning {cfg.data.forget_split} with {objective.name} on {r.num_workers} FSDP2 worker(s); "
+          f"checkpoints in {storage}/{cfg.run_name}", flush=True)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without an exported model")
+    model_dir = out / "unlearned"
+    with result.checkpoint.as_directory() as folder:
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(folder, model_dir)
+    (model_dir / "unlearn_export.json").unlink(missing_ok=True)
+
+    # 4. evaluate after, artifacts, summary
+    print(f"evaluating {model_dir} after unlearning", flush=True)
+    results["after"] = _evaluate(str(model_dir), cfg, ref, eval_dir, "after")
+    log_evaluation(client, run_id, "after", results["after"], eval_dir)
+    history = step_history(client, run_id)
+    plot = plot_dual_dynamics(history, out / "dual_dynamics.png") if history else None
+    config_file = out / "config.yaml"
+    import yaml
+
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    client.log_artifact(run_id, str(config_file))
+    if plot:
+        client.log_artifact(run_id, str(plot))
+    summary = {
+        "before": results.get("before", {}).get("aggregates"), "after": results["after"]["aggregates"],
+        "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "model_dir": str(model_dir),
+        "data": resolve_source(cfg), "method": objective.name, "workers": r.num_workers,
+        "steps": len(history), "plot": str(plot) if plot else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    client.log_artifact(run_id, str(out / "summary.json"))
+    client.set_terminated(run_id, "FINISHED")
+
+    columns = {"before": results.get("before"), "after": results["after"]}
+    columns = {k: v for k, v in columns.items() if v is not None}
+    keys = EVAL_KEYS if cfg.data.benchmark == "tofu" else ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+    print()
+    print(compare_table(columns, keys))
+    print(f"\nmodel: {model_dir}\nsummary: {out / 'summary.json'}\nMLflow UI: mlflow ui "
+          f"--backend-store-uri {uri}  (run {run_id})", flush=True)
+    mlflow.set_tracking_uri(None)
+    return summary
+
+
+def _worker_entry(loop_config: dict) -> None:
+    from pipelines.train import train_loop_per_worker
+
+    train_loop_per_worker(loop_config)
+
+
+__all__ = ["PipelineError", "run_pipeline", "tracking_uri", "ConfigError", "DataError"]

@@ -1,0 +1,304 @@
+"""Ray Train: the unlearning loop on N FSDP2 workers (``TorchTrainer``), with checkpoints.
+
+Each worker builds the model, shards every decoder block and then the root with ``fully_shard``
+(bf16 mixed precision on GPU), shards the frozen reference model the same way when the method
+needs one, and runs the framework-free :class:`unlearn.loop.Unlearner` step. The dual variable
+sees the retain loss averaged over ranks, so every rank holds the same lam; EGUP's retain centroid
+is summed over ranks once.
+
+Checkpoints (``torch.distributed.checkpoint``: sharded model and optimizer, plus the dual and
+EGUP state, the scheduler, the step and every rank's RNG) are reported to Ray Train; a restarted
+worker group (``FailureConfig``) or a re-run with the same run name resumes from the latest. The
+last report carries the exported Hugging Face folder (gathered full state dict, rank 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EXPORT_MARKER = "unlearn_export.json"
+TRAIN_STATE = "train_state_rank{rank}.pt"
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def all_reduce_mean(value: float) -> float:
+    dist = _dist()
+    if dist is None:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    dist = _dist()
+    if dist is not None:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def mean_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """Average ``keys`` of the step metrics over ranks (tokens are summed)."""
+    dist = _dist()
+    present = [k for k in keys if k in metrics]
+    if dist is None or not present:
+        return metrics
+    tensor = torch.tensor([metrics[k] for k in present], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    world = dist.get_world_size()
+    out = dict(metrics)
+    for key, value in zip(present, tensor.tolist()):
+        out[key] = value if key in ("tokens", "tokens_per_s") else value / world
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(folder: Path, model, optimizer, extra: dict) -> None:
+    """Sharded model + optimizer (DCP, collective) and this rank's small state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    rank = _dist().get_rank() if _dist() else 0
+    torch.save(extra, folder / TRAIN_STATE.format(rank=rank))
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank = _dist().get_rank() if _dist() else 0
+    return torch.load(folder / TRAIN_STATE.format(rank=rank), weights_only=False)
+
+
+def export_full_model(model, tokenizer, spec: str, out_dir: Path) -> Path | None:
+    """Gather the full state dict (collective) and, on rank 0, save a ``from_pretrained`` folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from unlearn.models import resolve_model_path, save_model
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dist = _dist()
+    if dist is not None and dist.get_rank() != 0:
+        return None
+    config = AutoConfig.from_pretrained(resolve_model_path(spec))
+    fresh = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"export: missing {missing}, unexpected {unexpected} parameters")
+    if config.tie_word_embeddings:
+        fresh.tie_weights()
+    return save_model(fresh, tokenizer, out_dir)
+
+
+# --------------------------------------------------------------------------- MLflow from rank 0
+
+
+class StepLogger:
+    """Logs step metrics to the driver's MLflow run from rank 0, skipping steps already logged
+    (after a restart, the steps between the checkpoint and the crash are replayed)."""
+
+    KEYS = ("loss", "forget_loss", "retain_loss", "lam", "eps", "slack", "lr", "grad_norm",
+            "tokens_per_s", "step_time")
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, rank: int) -> None:
+        self.client = None
+        self.run_id = run_id
+        self.last_logged = 0
+        if rank != 0 or not run_id:
+            return
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        history = self.client.get_metric_history(run_id, "loss")
+        self.last_logged = max((m.step for m in history), default=0)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.client is None or step <= self.last_logged:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(metrics[k]), now, step) for k in self.KEYS if k in metrics]
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.last_logged = step
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker (FSDP2 rank)."""
+    import ray.train
+
+    from pipelines.data import epoch_pairs, pull_features
+    from pipelines.fsdp import shard_model
+    from unlearn.config import build_config
+    from unlearn.loop import Unlearner, build_optimizer, build_scheduler, mean_nll
+    from unlearn.models import frozen_copy, load_model, load_tokenizer
+    from unlearn.objectives import EGUP
+    from unlearn.workflow import build_dual, build_objective, make_batches
+
+    cfg = build_config(loop_config["config"])
+    spec = loop_config["model"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    use_gpu = cfg.ray.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.train.seed)
+
+    objective = build_objective(cfg)
+    tokenizer = load_tokenizer(spec)
+    pad = tokenizer.pad_token_id
+    forget = pull_features("forget")
+    retain = pull_features("retain") if "retain" in loop_config["datasets"] else None
+    proxy = pull_features("proxy") if "proxy" in loop_config["datasets"] else None
+
+    model = load_model(spec, dtype=cfg.model.dtype,
+                       gradient_checkpointing=cfg.model.gradient_checkpointing).to(device)
+    ref_model = frozen_copy(model) if objective.needs_ref else None
+    shard_model(model, mixed_precision=use_gpu, device_type=device.type)
+    if ref_model is not None:
+        shard_model(ref_model, mixed_precision=use_gpu, device_type=device.type)
+
+    t = cfg.train
+    dual = build_dual(cfg, objective, reduce=all_reduce_mean)
+
+    def to_device(batch):
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def my_rows(features):
+        batches = make_batches(features, t.batch_size, pad)
+        return [to_device({k: v[rank::world] for k, v in b.items()}) for b in batches
+                if len(b["input_ids"]) >= world]
+
+    def pairs_for(epoch):
+        pairs = epoch_pairs(forget, retain if objective.wants_retain() else None, batch_size=t.batch_size,
+                            pad_token_id=pad, seed=t.seed, epoch=epoch, bucket=t.bucket_by_length,
+                            rank=rank, world=world)
+        return [(to_device(f), None if r is None else to_device(r)) for f, r in pairs]
+
+    steps_per_epoch = -(-len(pairs_for(0)) // t.grad_accum)
+    total_steps = steps_per_epoch * t.epochs
+    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
+    unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual, scheduler=scheduler,
+                          max_grad_norm=t.max_grad_norm, fused=t.fused_losses, chunk_size=t.loss_chunk_size)
+
+    checkpoint = ray.train.get_checkpoint()
+    start_step = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            if (Path(folder) / EXPORT_MARKER).is_file():
+                ray.train.report({"step": total_steps, "done": 1.0}, checkpoint=None)
+                return  # this run already finished and exported its model
+            extra = load_checkpoint(Path(folder), model, optimizer)
+        start_step = extra["step"]
+        scheduler.load_state_dict(extra["scheduler"])
+        if dual is not None and extra["dual"] is not None:
+            dual.load_state_dict(extra["dual"])
+        if isinstance(objective, EGUP) and extra.get("egup") is not None:
+            objective.load_state_dict(extra["egup"])
+        torch.set_rng_state(extra["rng"])
+        unlearner.global_step = start_step
+        if rank == 0:
+            log.warning("resumed from the checkpoint at step %d", start_step)
+    else:
+        if dual is not None:
+            initial = mean_nll(model, my_rows(retain))
+            dual.calibrate(initial)  # averaged over ranks inside
+            if rank == 0 and initial > dual.eps:
+                log.warning("eps=%.4f is below the model's current retain loss %.4f: the constraint "
+                            "starts violated", dual.eps, initial)
+        if isinstance(objective, EGUP):
+            objective.prepare(model, retain=my_rows(retain), forget=my_rows(forget),
+                              proxy=my_rows(proxy) if proxy else None, all_reduce_sum=all_reduce_sum)
+
+    logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), rank)
+    every = cfg.ray.checkpoint_every or steps_per_epoch
+    step = start_step
+    for epoch in range(start_step // steps_per_epoch, t.epochs):
+        pairs = pairs_for(epoch)
+        groups = [pairs[i:i + t.grad_accum] for i in range(0, len(pairs), t.grad_accum)]
+        for group in groups[step - epoch * steps_per_epoch:]:
+            metrics = mean_metrics(unlearner.step(group), ("loss", "forget_loss", "retain_loss", "slack",
+                                                           "grad_norm", "tokens", "tokens_per_s"))
+            step = unlearner.global_step
+            metrics["epoch"] = float(epoch)
+            logger.log(step, metrics)
+            if rank == 0 and (step % max(1, total_steps // 20) == 0 or step == total_steps):
+                print(_progress_line(step, total_steps, epoch, metrics), flush=True)
+            _maybe_inject_fault(cfg, step, rank, world, loop_config)
+            if step % every == 0 or step == total_steps:
+                extra = {"step": step, "scheduler": scheduler.state_dict(),
+                         "dual": dual.state_dict() if dual is not None else None,
+                         "egup": objective.state_dict() if isinstance(objective, EGUP) else None,
+                         "rng": torch.get_rng_state()}
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_checkpoint(Path(tmp), model, optimizer, extra)
+                    ray.train.report(_reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(_reportable(metrics), checkpoint=None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_full_model(model, tokenizer, spec, Path(tmp) / "model")
+        if exported is not None:
+            (Path(tmp) / "model" / EXPORT_MARKER).write_text(json.dumps({"steps": step}))
+            ray.train.report({"step": float(step), "done": 1.0},
+                             checkpoint=ray.train.Checkpoint.from_directory(str(exported)))
+        else:
+            ray.train.report({"step": float(step), "done": 1.0}, checkpoint=None)
+
+
+def _progress_line(step: int, total: int, epoch: int, metrics: dict) -> str:
+    parts = [f"step {step}/{total}", f"epoch {epoch + 1}"]
+    for key in ("forget_loss", "retain_loss", "eps", "lam_next", "tokens_per_s"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4g}")
+    return "[unlearn] " + "  ".join(parts)
+
+
+def _reportable(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _maybe_inject_fault(cfg, step: int, rank: int, world: int, loop_config: dict) -> None:
+    """Kill one worker once (the marker file survives the restart) when ``ray.fail_at_step`` says."""
+    if cfg.ray.fail_at_step is None or step != cfg.ray.fail_at_step or rank != world - 1:
+        return
+    marker = Path(loop_config["storage_path"]) / f"{cfg.run_name}.fault_injected"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    log.warning("fault injection: rank %d exits after step %d", rank, step)
+    os._exit(1)
