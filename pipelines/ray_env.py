@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 
-import ray.data
 
 log = logging.getLogger(__name__)
 

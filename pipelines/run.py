@@ -78,7 +78,8 @@ def check_resources(cfg: Config) -> None:
     need.update({k: v * r.num_workers for k, v in r.resources_per_worker.items()})
     short = {k: (v, total.get(k, 0)) for k, v in need.items() if v and v > total.get(k, 0)}
     if short:
-        detail = ", ".join(f"{k}: {want:g} needed, {have:g} in the cluster" for k, (want, have) in short.items())
+        detail = ", ".join(f"{k}: {want:g} needed, {have:g} in the cluster"
+                           for k, (want, have) in short.items())
         raise PipelineError(f"ray.num_workers={r.num_workers} do not fit the cluster ({detail}); lower "
                             "ray.num_workers or ray.cpus_per_worker")
 
@@ -110,7 +111,8 @@ def start_or_resume_run(cfg: Config, uri: str) -> tuple[str, bool]:
                               max_results=1, order_by=["attributes.start_time DESC"])
     if runs:
         return runs[0].info.run_id, True
-    run = client.create_run(experiment.experiment_id, run_name=cfg.run_name, tags={RUN_NAME_TAG: cfg.run_name})
+    run = client.create_run(experiment.experiment_id, run_name=cfg.run_name,
+                            tags={RUN_NAME_TAG: cfg.run_name})
     params = flatten(cfg.model_dump(mode="json"))
     from mlflow.entities import Param
 
@@ -143,6 +145,65 @@ def step_history(client, run_id: str) -> list[dict]:
         if "lam" in row:
             row.setdefault("lam_next", row["lam"])
     return history
+
+
+class TrainingProgress:
+    """A progress bar on the driver, fed by the step metrics rank 0 logs to MLflow."""
+
+    def __init__(self, client, run_id: str, *, desc: str, eps_warning: bool, every: float = 2.0) -> None:
+        import threading
+
+        self.client, self.run_id, self.desc, self.every = client, run_id, desc, every
+        self.eps_warning = eps_warning
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> TrainingProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        from tqdm.auto import tqdm
+
+        bar, warned = None, False
+        while not self._stop.wait(self.every):
+            try:
+                run = self.client.get_run(self.run_id)
+            except Exception:  # noqa: BLE001 - a busy sqlite file; try again next tick
+                continue
+            metrics, params = run.data.metrics, run.data.params
+            if bar is None and "train.total_steps" in params:
+                bar = tqdm(total=int(params["train.total_steps"]), desc=self.desc)
+            if self.eps_warning and not warned and "retain_loss_initial" in metrics and "eps" in metrics:
+                warned = True
+                if metrics["retain_loss_initial"] > metrics["eps"]:
+                    log.warning("eps=%.4g is below the model's retain loss %.4g before unlearning: the "
+                                "constraint starts violated", metrics["eps"], metrics["retain_loss_initial"])
+            if bar is not None and "step" in metrics:
+                bar.n = int(metrics["step"])
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("forget_loss", "retain_loss", "eps", "lam")
+                                 if k in metrics}, refresh=True)
+        if bar is not None:
+            try:
+                bar.n = int(self.client.get_run(self.run_id).data.metrics.get("step", bar.n))
+            except Exception:  # noqa: BLE001
+                pass
+            bar.close()
+
+
+def latest_checkpoint(storage: str, name: str):
+    """The newest checkpoint Ray Train wrote under ``storage/name`` (local storage), or None."""
+    from ray.train import Checkpoint
+
+    folder = Path(storage) / name
+    if "://" in storage or not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
+    return Checkpoint.from_directory(str(found[-1])) if found else None
 
 
 # --------------------------------------------------------------------------- the job
@@ -194,13 +255,17 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     check_model(spec)
     uri = tracking_uri(cfg)
     check_mlflow(uri)
-    ensure_ray(log_to_driver=True)
+    ensure_ray(log_to_driver=cfg.ray.verbose)
     check_resources(cfg)
     storage = cfg.ray.storage_path or str(out / "ray")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     run_id, resumed = start_or_resume_run(cfg, uri)
     client = MlflowClient(uri)
+    # One Ray run directory per MLflow run: a re-run of an unfinished run resumes from its
+    # checkpoints, a new run never picks up an older run's.
+    ray_name = f"{cfg.run_name}-{run_id[:8]}"
+    resume_from = latest_checkpoint(storage, ray_name) if resumed else None
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
 
     # 2. evaluate before
@@ -224,19 +289,25 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"config": cfg.model_dump(mode="json"), "model": spec, "run_id": run_id,
-                           "tracking_uri": uri, "datasets": sorted(datasets), "storage_path": str(storage)},
+                           "tracking_uri": uri, "datasets": sorted(datasets), "storage_path": str(storage),
+                           "ray_name": ray_name},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_worker, **r.resources_per_worker}),
-        run_config=RunConfig(name=cfg.run_name, storage_path=str(storage),
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu,
+            resources_per_worker={"CPU": r.cpus_per_worker, **r.resources_per_worker}),
+        run_config=RunConfig(name=ray_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
+        resume_from_checkpoint=resume_from,
     )
     print(f"unlearning {cfg.data.forget_split} with {objective.name} on {r.num_workers} FSDP2 worker(s); "
-          f"checkpoints in {storage}/{cfg.run_name}", flush=True)
-    result = trainer.fit()
+          f"checkpoints in {storage}/{ray_name}"
+          + (f"; resuming from {resume_from.path}" if resume_from else ""), flush=True)
+    with TrainingProgress(client, run_id, desc=f"unlearn ({objective.name}, {r.num_workers} workers)",
+                          eps_warning=objective.uses_dual):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training ended without an exported model")
     model_dir = out / "unlearned"
@@ -278,6 +349,25 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     print(f"\nmodel: {model_dir}\nsummary: {out / 'summary.json'}\nMLflow UI: mlflow ui "
           f"--backend-store-uri {uri}  (run {run_id})", flush=True)
     mlflow.set_tracking_uri(None)
+    return summary
+
+
+def run_demo_pipeline(cfg: Config) -> dict:
+    """The demo: finetune target and retain models (one process), then the whole pipeline."""
+    from unlearn.workflow import run_finetune
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[1/2] finetuning target (full split) and retain models of {cfg.model.name_or_path!r} "
+          f"on {cfg.data.source} {cfg.data.benchmark.upper()} data", flush=True)
+    finetuned = run_finetune(cfg)
+    print(f"[2/2] Ray pipeline: unlearning {cfg.data.forget_split} from the target", flush=True)
+    summary = run_pipeline(cfg, finetuned["target"], reference=finetuned["retain"])
+    summary["finetune"] = {k: v for k, v in finetuned.items() if not k.endswith("history")}
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"demo finished in {summary['seconds']} s", flush=True)
     return summary
 
 

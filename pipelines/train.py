@@ -124,7 +124,7 @@ class StepLogger:
     (after a restart, the steps between the checkpoint and the crash are replayed)."""
 
     KEYS = ("loss", "forget_loss", "retain_loss", "lam", "eps", "slack", "lr", "grad_norm",
-            "tokens_per_s", "step_time")
+            "tokens_per_s", "step_time", "step")
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, rank: int) -> None:
         self.client = None
@@ -137,6 +137,23 @@ class StepLogger:
         self.client = MlflowClient(tracking_uri)
         history = self.client.get_metric_history(run_id, "loss")
         self.last_logged = max((m.step for m in history), default=0)
+
+    def start(self, total_steps: int, initial_retain_loss: float | None, eps: float | None) -> None:
+        """Run facts the driver's progress bar and warnings read (logged once)."""
+        if self.client is None:
+            return
+        from mlflow.entities import Metric, Param
+
+        run = self.client.get_run(self.run_id)
+        if "train.total_steps" not in run.data.params:
+            self.client.log_batch(self.run_id, params=[Param("train.total_steps", str(total_steps))])
+        if initial_retain_loss is not None and "retain_loss_initial" not in run.data.metrics:
+            import time
+
+            now = int(time.time() * 1000)
+            metrics = [Metric("retain_loss_initial", initial_retain_loss, now, 0),
+                       Metric("eps", float(eps), now, 0)]
+            self.client.log_batch(self.run_id, metrics=metrics)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.client is None or step <= self.last_logged:
@@ -215,7 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           max_grad_norm=t.max_grad_norm, fused=t.fused_losses, chunk_size=t.loss_chunk_size)
 
     checkpoint = ray.train.get_checkpoint()
-    start_step = 0
+    start_step, initial_retain = 0, None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             if (Path(folder) / EXPORT_MARKER).is_file():
@@ -234,16 +251,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.warning("resumed from the checkpoint at step %d", start_step)
     else:
         if dual is not None:
-            initial = mean_nll(model, my_rows(retain))
-            dual.calibrate(initial)  # averaged over ranks inside
-            if rank == 0 and initial > dual.eps:
-                log.warning("eps=%.4f is below the model's current retain loss %.4f: the constraint "
-                            "starts violated", dual.eps, initial)
+            initial_retain = all_reduce_mean(mean_nll(model, my_rows(retain)))
+            dual.calibrate(initial_retain)
         if isinstance(objective, EGUP):
             objective.prepare(model, retain=my_rows(retain), forget=my_rows(forget),
                               proxy=my_rows(proxy) if proxy else None, all_reduce_sum=all_reduce_sum)
 
     logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), rank)
+    logger.start(total_steps, initial_retain, float(dual.eps) if dual is not None and dual.ready else None)
     every = cfg.ray.checkpoint_every or steps_per_epoch
     step = start_step
     for epoch in range(start_step // steps_per_epoch, t.epochs):
@@ -255,8 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             step = unlearner.global_step
             metrics["epoch"] = float(epoch)
             logger.log(step, metrics)
-            if rank == 0 and (step % max(1, total_steps // 20) == 0 or step == total_steps):
-                print(_progress_line(step, total_steps, epoch, metrics), flush=True)
+
             _maybe_inject_fault(cfg, step, rank, world, loop_config)
             if step % every == 0 or step == total_steps:
                 extra = {"step": step, "scheduler": scheduler.state_dict(),
@@ -265,7 +279,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          "rng": torch.get_rng_state()}
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(Path(tmp), model, optimizer, extra)
-                    ray.train.report(_reportable(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                    ray.train.report(_reportable(metrics), checkpoint=checkpoint)
             else:
                 ray.train.report(_reportable(metrics), checkpoint=None)
 
@@ -279,14 +294,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report({"step": float(step), "done": 1.0}, checkpoint=None)
 
 
-def _progress_line(step: int, total: int, epoch: int, metrics: dict) -> str:
-    parts = [f"step {step}/{total}", f"epoch {epoch + 1}"]
-    for key in ("forget_loss", "retain_loss", "eps", "lam_next", "tokens_per_s"):
-        if key in metrics:
-            parts.append(f"{key} {metrics[key]:.4g}")
-    return "[unlearn] " + "  ".join(parts)
-
-
 def _reportable(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -295,7 +302,7 @@ def _maybe_inject_fault(cfg, step: int, rank: int, world: int, loop_config: dict
     """Kill one worker once (the marker file survives the restart) when ``ray.fail_at_step`` says."""
     if cfg.ray.fail_at_step is None or step != cfg.ray.fail_at_step or rank != world - 1:
         return
-    marker = Path(loop_config["storage_path"]) / f"{cfg.run_name}.fault_injected"
+    marker = Path(loop_config["storage_path"]) / f"{loop_config['ray_name']}.fault_injected"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """The ``unlearn`` command line.
 
-    unlearn demo [--output DIR]             finetune a tiny target, unlearn with PDU, show the result
+    unlearn demo [--output DIR]             finetune a tiny target, unlearn with PDU on Ray, evaluate
+    unlearn run CONFIG [k=v ...]            the Ray pipeline (FSDP2 workers, evaluation, MLflow)
     unlearn methods                         list the registered objectives
     unlearn finetune CONFIG [k=v ...]       target + retain reference models (TOFU protocol)
     unlearn forget CONFIG [k=v ...]         single-process unlearning of the configured forget set
@@ -49,10 +50,25 @@ def _cmd_forget(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from unlearn.demo import run_demo
+    overrides = [f"output_dir={args.output}", "run_name=demo"] + list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.local:
+        from unlearn.demo import run_demo
 
-    overrides = [f"output_dir={args.output}"] + list(args.overrides)
-    run_demo(load_config(args.config, overrides))
+        run_demo(cfg)
+        return 0
+    from pipelines.run import run_demo_pipeline
+
+    run_demo_pipeline(cfg)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from pipelines.run import run_pipeline
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
+    cfg = load_config(args.config, overrides)
+    run_pipeline(cfg, resolve_model(args.model) if args.model else None, reference=args.reference)
     return 0
 
 
@@ -151,8 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="end-to-end demo on the embedded defaults")
     demo.add_argument("--output", default="outputs/demo", help="where everything is written")
     demo.add_argument("--config", default=None, help="YAML to start from instead of the defaults")
+    demo.add_argument("--local", action="store_true",
+                      help="single-process unlearning instead of the Ray pipeline")
     demo.add_argument("overrides", nargs="*", help="key.path=value overrides")
     demo.set_defaults(func=_cmd_demo)
+
+    run = sub.add_parser("run", help="the Ray pipeline: FSDP2 unlearning, evaluation, MLflow")
+    run.add_argument("config", help="YAML config (configs/*.yaml)")
+    run.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    run.add_argument("--model", default=None, help="model to unlearn from (default: model.name_or_path); "
+                     "a folder, spec or MLflow models:/ URI")
+    run.add_argument("--reference", default=None, help="retain model or its eval JSON (default: "
+                     "eval.reference)")
+    run.add_argument("--output", default=None, help="output_dir override")
+    run.set_defaults(func=_cmd_run)
 
     for name, func, text in (("finetune", _cmd_finetune, "train target and retain models"),
                              ("forget", _cmd_forget, "single-process unlearning")):
@@ -197,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pipeline_errors() -> tuple[type[Exception], ...]:
+    """Errors of the Ray pipeline that are the user's to fix (when it is importable)."""
+    try:
+        from pipelines.run import PipelineError
+    except ImportError:
+        return ()
+    return (PipelineError,)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -212,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError) as exc:
+    except (ConfigError, DataError, ModelLoadError, *_pipeline_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

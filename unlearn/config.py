@@ -143,6 +143,7 @@ class RayConfig(_Strict):
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = each epoch")
     keep_checkpoints: int = Field(2, ge=1)
+    verbose: bool = Field(False, description="forward every worker's output to the driver")
     fail_at_step: int | None = Field(None, ge=1, description="fault injection (tests): kill rank 1 "
                                      "once, after this step")
 
