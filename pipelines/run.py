@@ -51,6 +51,10 @@ def check_mlflow(uri: str) -> None:
 
     mlflow.set_tracking_uri(uri)
     try:
+        if uri.startswith(("http://", "https://")):
+            import requests  # a quick probe: the MLflow client itself retries for minutes
+
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
         mlflow.search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - connection refused, bad URI, auth...
         raise PipelineError(f"MLflow is not reachable at {uri}: {exc}. Start it, or set "
