@@ -322,11 +322,16 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     (model_dir / "unlearn_export.json").unlink(missing_ok=True)
 
     # 4. evaluate after, artifacts, summary
-    print(f"evaluating {model_dir} after unlearning", flush=True)
-    results["after"] = _evaluate(str(model_dir), cfg, ref, eval_dir, "after")
-    log_evaluation(client, run_id, "after", results["after"], eval_dir)
+    if cfg.eval.after:
+        print(f"evaluating {model_dir} after unlearning", flush=True)
+        results["after"] = _evaluate(str(model_dir), cfg, ref, eval_dir, "after")
+        log_evaluation(client, run_id, "after", results["after"], eval_dir)
     history = step_history(client, run_id)
     plot = plot_dual_dynamics(history, out / "dual_dynamics.png") if history else None
+    with mlflow.start_run(run_id=run_id):
+        from pipelines.models import log_hf_model
+
+        model_uri = log_hf_model(model_dir).model_uri
     config_file = out / "config.yaml"
     import yaml
 
@@ -335,8 +340,10 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     if plot:
         client.log_artifact(run_id, str(plot))
     summary = {
-        "before": results.get("before", {}).get("aggregates"), "after": results["after"]["aggregates"],
+        "before": results.get("before", {}).get("aggregates"),
+        "after": results.get("after", {}).get("aggregates"),
         "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "model_dir": str(model_dir),
+        "model_uri": model_uri,
         "data": resolve_source(cfg), "method": objective.name, "workers": r.num_workers,
         "steps": len(history), "plot": str(plot) if plot else None,
         "seconds": round(time.perf_counter() - start, 1),
@@ -345,11 +352,11 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     client.log_artifact(run_id, str(out / "summary.json"))
     client.set_terminated(run_id, "FINISHED")
 
-    columns = {"before": results.get("before"), "after": results["after"]}
-    columns = {k: v for k, v in columns.items() if v is not None}
+    columns = {k: v for k, v in results.items() if v is not None}
     keys = EVAL_KEYS if cfg.data.benchmark == "tofu" else ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
-    print()
-    print(compare_table(columns, keys))
+    if columns:
+        print()
+        print(compare_table(columns, keys))
     print(f"\nmodel: {model_dir}\nsummary: {out / 'summary.json'}\nMLflow UI: mlflow ui "
           f"--backend-store-uri {uri}  (run {run_id})", flush=True)
     mlflow.set_tracking_uri(None)

@@ -53,6 +53,29 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory: GPU memory allocated on GPU, else peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def all_reduce_max(value: float) -> float:
+    dist = _dist()
+    if dist is None:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
 def mean_metrics(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
     """Average ``keys`` of the step metrics over ranks (tokens are summed)."""
     dist = _dist()
@@ -124,7 +147,7 @@ class StepLogger:
     (after a restart, the steps between the checkpoint and the crash are replayed)."""
 
     KEYS = ("loss", "forget_loss", "retain_loss", "lam", "eps", "slack", "lr", "grad_norm",
-            "tokens_per_s", "step_time", "step")
+            "tokens_per_s", "step_time", "step", "peak_mem_mib")
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, rank: int) -> None:
         self.client = None
@@ -269,6 +292,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                            "grad_norm", "tokens", "tokens_per_s"))
             step = unlearner.global_step
             metrics["epoch"] = float(epoch)
+            metrics["peak_mem_mib"] = all_reduce_max(peak_memory_mib(device))  # the largest worker
             logger.log(step, metrics)
 
             _maybe_inject_fault(cfg, step, rank, world, loop_config)
@@ -281,8 +305,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     save_checkpoint(Path(tmp), model, optimizer, extra)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                     ray.train.report(_reportable(metrics), checkpoint=checkpoint)
-            else:
-                ray.train.report(_reportable(metrics), checkpoint=None)
+            # Between checkpoints nothing is reported to Ray (a report synchronises every worker
+            # with the controller); the step metrics go to MLflow from rank 0.
 
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_full_model(model, tokenizer, spec, Path(tmp) / "model")

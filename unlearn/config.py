@@ -127,6 +127,7 @@ class EvalConfig(_Strict):
     reference: str | None = Field(None, description="retain model (folder/spec) or its eval JSON: "
                                   "forget quality and privleak need it")
     before: bool = Field(True, description="also evaluate the model before unlearning")
+    after: bool = Field(True, description="evaluate the unlearned model (off only for benchmarks)")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(200, ge=1, description="TOFU generation length")
     max_length: int = Field(512, ge=8)
