@@ -38,17 +38,22 @@ def test_pdu_forgets_while_retain_loss_respects_eps(finetuned):
 
 
 @pytest.mark.slow
-def test_demo_command_prints_the_table_and_writes_the_summary(tmp_path, capsys):
+@pytest.mark.parametrize("local", [True, False], ids=["one-process", "ray"])
+def test_demo_command_prints_the_table_and_writes_the_summary(tmp_path, capsys, monkeypatch, local):
     from unlearn import cli
 
-    code = cli.main(["demo", "--output", str(tmp_path), "finetune.epochs=2", "train.epochs=1",
-                     "eval.max_new_tokens=8"])
+    monkeypatch.chdir(tmp_path)  # the demo's MLflow database goes to the working directory
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--output", str(out), *(["--local"] if local else []), "finetune.epochs=2",
+                     "train.epochs=1", "eval.max_new_tokens=8"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "forget_quality" in printed and "unlearned (after)" in printed
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "forget_quality" in printed and "after" in printed
+    summary = json.loads((out / "summary.json").read_text())
     for stage in ("before", "after"):
         assert {"forget_quality", "model_utility", "forget_prob", "privleak"} <= set(summary[stage])
     assert summary["before"]["forget_quality"] is not None  # the retain model is the reference
-    assert (tmp_path / "eval" / "retain.json").is_file()
-    assert (tmp_path / "unlearned" / "config.json").is_file()
+    assert (out / "unlearned" / "config.json").is_file()
+    if not local:
+        assert summary["mlflow_run_id"] and (tmp_path / "mlflow.db").is_file()
+        assert "mlflow ui --backend-store-uri" in printed

@@ -13,6 +13,7 @@ from unlearn.models import ModelLoadError, load_model, load_tokenizer, save_mode
 def tracking(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("models-test")  # not an experiment id cached from another database
     yield tmp_path
     mlflow.set_tracking_uri(None)
 
