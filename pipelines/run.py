@@ -339,7 +339,22 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     client.log_artifact(run_id, str(config_file))
     if plot:
         client.log_artifact(run_id, str(plot))
+    gate, version = None, None
+    if "after" in results:
+        from pipelines.registry import config_hash, fingerprint, judge_and_register
+
+        lineage = {"base_model": spec, "method": objective.name, "forget_split": cfg.data.forget_split,
+                   "data": resolve_source(cfg), "forget_records": len(data.forget),
+                   "forget_fingerprint": fingerprint(data.forget),
+                   "config_hash": config_hash(cfg.model_dump(mode="json")), "mlflow_run_id": run_id}
+        registration = judge_and_register(
+            client, run_id, model_uri, rules=cfg.gate.rules, after=results["after"]["aggregates"],
+            before=results.get("before", {}).get("aggregates"), reasons=results["after"]["unavailable"],
+            model_name=cfg.registry.model_name, lineage=lineage)
+        gate, version = registration.gate.to_dict(), registration.version
     summary = {
+        "gate": gate, "registered_version": version,
+        "registered_model": cfg.registry.model_name if version else None,
         "before": results.get("before", {}).get("aggregates"),
         "after": results.get("after", {}).get("aggregates"),
         "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "model_dir": str(model_dir),
@@ -357,6 +372,15 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     if columns:
         print()
         print(compare_table(columns, keys))
+    if gate is not None:
+        print(f"\ngate: {'PASSED' if gate['passed'] else 'FAILED'}")
+        for v in gate["verdicts"]:
+            value = "n/a" if v["value"] is None else f"{v['value']:.4g}"
+            mark = "pass" if v["passed"] else "FAIL"
+            print(f"  [{mark}] {v['rule']}  (value {value}, needs {v['threshold']})"
+                  + (f": {v['reason']}" if v["reason"] else ""))
+        print(f"registered: {cfg.registry.model_name} version {version} (alias challenger)" if version
+              else "not registered")
     print(f"\nmodel: {model_dir}\nsummary: {out / 'summary.json'}\nMLflow UI: mlflow ui "
           f"--backend-store-uri {uri}  (run {run_id})", flush=True)
     mlflow.set_tracking_uri(None)

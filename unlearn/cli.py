@@ -6,6 +6,8 @@
     unlearn finetune CONFIG [k=v ...]       target + retain reference models (TOFU protocol)
     unlearn forget CONFIG [k=v ...]         single-process unlearning of the configured forget set
     unlearn eval --model M [--reference R]  TOFU/MUSE metrics of a model (table + JSON)
+    unlearn promote NAME [VERSION]          alias champion -> a gated version that does not regress
+    unlearn serve NAME                      HTTP endpoint for the champion (gated versions only)
     unlearn synth {tofu,muse} --out DIR     write the seeded synthetic data set
     unlearn convert-gguf FILE [--out DIR]   one-time GGUF -> safetensors folder
 """
@@ -139,6 +141,43 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _mlflow_client(uri: str | None):
+    import os
+
+    from mlflow import MlflowClient
+
+    from pipelines.run import check_mlflow
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    check_mlflow(uri)
+    return MlflowClient(uri)
+
+
+def _cmd_promote(args) -> int:
+    from pipelines.registry import PromotionRefused, promote
+
+    try:
+        version = promote(_mlflow_client(args.tracking_uri), args.name, args.version)
+    except PromotionRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.name} version {version} is now the champion")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from pipelines.registry import PromotionRefused
+    from pipelines.serve import serve_model
+
+    try:
+        client = _mlflow_client(args.tracking_uri)
+        serve_model(client, args.name, args.version, host=args.host, port=args.port)
+    except PromotionRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_synth(args) -> int:
     from unlearn.data import generate_muse, generate_tofu, write_muse, write_tofu
 
@@ -210,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=2, help="Ray actors, each loads the model once")
     ev.add_argument("--gpus-per-worker", type=float, default=0.0)
     ev.set_defaults(func=_cmd_eval)
+
+    prom = sub.add_parser("promote", help="move alias champion to a gated, non-regressing version")
+    prom.add_argument("name", help="registered model name")
+    prom.add_argument("version", nargs="?", default=None, help="default: the challenger")
+    prom.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    prom.set_defaults(func=_cmd_promote)
+
+    srv = sub.add_parser("serve", help="HTTP generation endpoint (Ray Serve) for models:/NAME@champion")
+    srv.add_argument("name", help="registered model name")
+    srv.add_argument("--version", default=None, help="a version instead of the champion (it must be gated)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    srv.set_defaults(func=_cmd_serve)
 
     synth = sub.add_parser("synth", help="write the seeded synthetic data set")
     synth.add_argument("benchmark", choices=["tofu", "muse"])

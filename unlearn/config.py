@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -155,6 +155,27 @@ class MlflowConfig(_Strict):
     experiment: str = "unlearn"
 
 
+class GateConfig(_Strict):
+    """Rules over the evaluation's aggregates (see ``unlearn.gate``); all must pass to register."""
+
+    rules: list[str] = ["forget_quality >= 0.05", "model_utility >= 0.95 * base.model_utility",
+                        "privleak within [-25, 25]"]
+
+    @field_validator("rules")
+    @classmethod
+    def _parse(cls, rules: list[str]) -> list[str]:
+        from unlearn.gate import parse_rules
+
+        if not rules:
+            raise ValueError("a gate needs at least one rule")
+        parse_rules(rules)  # GateError (a ValueError) names the bad rule
+        return rules
+
+
+class RegistryConfig(_Strict):
+    model_name: str | None = Field("unlearned-model", description="registered model; null: never register")
+
+
 class Config(_Strict):
     run_name: str = "unlearn"
     output_dir: str = "outputs"
@@ -167,6 +188,8 @@ class Config(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 def _format_error(exc: ValidationError) -> str:

@@ -1,0 +1,154 @@
+"""Evaluation gates: the rules a model must pass to enter the registry.
+
+A rule is one line over the evaluation's aggregates (``unlearn.eval`` keys)::
+
+    forget_quality >= 0.05
+    model_utility >= 0.95 * base.model_utility     # base = the model before unlearning
+    privleak within [-25, 25]
+
+Operators: ``>=``, ``>``, ``<=``, ``<``, ``within [lo, hi]``. The right side is a number, or
+``FACTOR * base.METRIC``. Every rule is evaluated; a metric that could not be computed (``null``)
+fails its rule, with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import asdict, dataclass
+
+from unlearn.eval.report import MUSE_HEADLINE, TOFU_HEADLINE
+
+UTILITY_PARTS = tuple(f"{split}_{part}" for split in ("retain", "real_authors", "world_facts")
+                      for part in ("prob", "rouge", "truth_ratio"))
+KNOWN_METRICS = frozenset(TOFU_HEADLINE + MUSE_HEADLINE + UTILITY_PARTS +
+                          ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc"))
+OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_COMPARE = re.compile(
+    rf"^\s*(\w+)\s*(>=|<=|>|<)\s*(?:({_NUMBER})\s*\*\s*base\.(\w+)|base\.(\w+)|({_NUMBER}))\s*$")
+_WITHIN = re.compile(rf"^\s*(\w+)\s+within\s*\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]\s*$")
+
+
+class GateError(ValueError):
+    """A rule that cannot be parsed or names an unknown metric."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    metric: str
+    op: str  # one of OPERATORS or "within"
+    value: float | None = None  # constant threshold
+    factor: float | None = None  # threshold = factor * base[base_metric]
+    base_metric: str | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """Direction for regression checks (``within``: closer to the middle is better)."""
+        return None if self.op == "within" else self.op in (">=", ">")
+
+
+def parse_rule(text: str) -> Rule:
+    if match := _WITHIN.match(text):
+        metric, low, high = match.group(1), float(match.group(2)), float(match.group(3))
+        if low > high:
+            raise GateError(f"gate rule {text!r}: empty range [{low}, {high}]")
+        rule = Rule(text.strip(), metric, "within", low=low, high=high)
+    elif match := _COMPARE.match(text):
+        metric, op, factor, base_metric, bare_base, number = match.groups()
+        if number is not None:
+            rule = Rule(text.strip(), metric, op, value=float(number))
+        else:
+            rule = Rule(text.strip(), metric, op, factor=float(factor) if factor else 1.0,
+                        base_metric=base_metric or bare_base)
+    else:
+        raise GateError(f"gate rule {text!r} is not 'METRIC OP NUMBER', 'METRIC OP [FACTOR *] "
+                        "base.METRIC' or 'METRIC within [LO, HI]'")
+    for name in filter(None, (rule.metric, rule.base_metric)):
+        if name not in KNOWN_METRICS:
+            raise GateError(f"gate rule {text!r}: unknown metric {name!r} (known: "
+                            f"{', '.join(sorted(KNOWN_METRICS))})")
+    return rule
+
+
+def parse_rules(texts: list[str]) -> list[Rule]:
+    return [parse_rule(t) for t in texts]
+
+
+@dataclass
+class Verdict:
+    rule: str
+    metric: str
+    value: float | None
+    threshold: str
+    passed: bool
+    reason: str = ""
+
+
+def check_rule(rule: Rule, metrics: dict, base: dict | None = None,
+               reasons: dict | None = None) -> Verdict:
+    value = metrics.get(rule.metric)
+    if rule.op == "within":
+        threshold = f"[{rule.low:g}, {rule.high:g}]"
+    elif rule.value is not None:
+        threshold = f"{rule.op} {rule.value:g}"
+    else:
+        base_value = (base or {}).get(rule.base_metric)
+        if base_value is None:
+            return Verdict(rule.text, rule.metric, value,
+                           f"{rule.op} {rule.factor:g} * base.{rule.base_metric}", False,
+                           f"base.{rule.base_metric} is not available (no evaluation before unlearning)")
+        threshold = f"{rule.op} {rule.factor * base_value:.6g}"
+    if value is None:
+        why = (reasons or {}).get(rule.metric, "not computed")
+        return Verdict(rule.text, rule.metric, None, threshold, False, f"{rule.metric} is unavailable: {why}")
+    if rule.op == "within":
+        passed = rule.low <= value <= rule.high
+    else:
+        limit = rule.value if rule.value is not None else rule.factor * base[rule.base_metric]
+        passed = OPERATORS[rule.op](value, limit)
+    return Verdict(rule.text, rule.metric, float(value), threshold, bool(passed))
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    verdicts: list[Verdict]
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "verdicts": [asdict(v) for v in self.verdicts]}
+
+    def failures(self) -> list[Verdict]:
+        return [v for v in self.verdicts if not v.passed]
+
+
+def evaluate_gate(rules: list[Rule], metrics: dict, base: dict | None = None,
+                  reasons: dict | None = None) -> GateResult:
+    """Every rule over ``metrics`` (the candidate's aggregates); ``base`` = before unlearning."""
+    if not rules:
+        raise GateError("a gate needs at least one rule")
+    verdicts = [check_rule(rule, metrics, base, reasons) for rule in rules]
+    return GateResult(all(v.passed for v in verdicts), verdicts)
+
+
+def regressions(rules: list[Rule], candidate: dict, champion: dict) -> list[str]:
+    """The gate's metrics on which ``candidate`` is worse than ``champion`` (for promotion)."""
+    worse = []
+    for rule in rules:
+        new, old = candidate.get(rule.metric), champion.get(rule.metric)
+        if old is None:
+            continue
+        if new is None:
+            worse.append(f"{rule.metric}: unavailable (champion {old:.4g})")
+            continue
+        if rule.op == "within":
+            middle = (rule.low + rule.high) / 2
+            if abs(new - middle) > abs(old - middle):
+                worse.append(f"{rule.metric}: {new:.4g} is further from {middle:g} than the "
+                             f"champion's {old:.4g}")
+        elif (new < old) if rule.higher_is_better else (new > old):
+            worse.append(f"{rule.metric}: {new:.4g} vs the champion's {old:.4g} (rule {rule.text!r})")
+    return worse
