@@ -102,7 +102,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def start_or_resume_run(cfg: Config, uri: str) -> tuple[str, bool]:
+def start_or_resume_run(cfg: Config, uri: str, parent_run_id: str | None = None) -> tuple[str, bool]:
     """The MLflow run of ``cfg.run_name``: the unfinished one if there is one, else a new one."""
     import mlflow
     from mlflow import MlflowClient
@@ -115,8 +115,10 @@ def start_or_resume_run(cfg: Config, uri: str) -> tuple[str, bool]:
                               max_results=1, order_by=["attributes.start_time DESC"])
     if runs:
         return runs[0].info.run_id, True
-    run = client.create_run(experiment.experiment_id, run_name=cfg.run_name,
-                            tags={RUN_NAME_TAG: cfg.run_name})
+    tags = {RUN_NAME_TAG: cfg.run_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # a child run (a Tune trial) of the search's run
+    run = client.create_run(experiment.experiment_id, run_name=cfg.run_name, tags=tags)
     params = flatten(cfg.model_dump(mode="json"))
     from mlflow.entities import Param
 
@@ -213,7 +215,7 @@ def latest_checkpoint(storage: str, name: str):
 # --------------------------------------------------------------------------- the job
 
 
-def _evaluate(spec: str, cfg: Config, reference, out: Path, name: str) -> dict:
+def evaluate_stage(spec: str, cfg: Config, reference, out: Path, name: str) -> dict:
     from unlearn.demo import eval_settings
     from unlearn.eval import evaluate_model, write_result
 
@@ -222,7 +224,7 @@ def _evaluate(spec: str, cfg: Config, reference, out: Path, name: str) -> dict:
     return result
 
 
-def _reference(cfg: Config, reference: str | None, out: Path):
+def reference_for(cfg: Config, reference: str | None, out: Path):
     from unlearn.demo import eval_settings
     from unlearn.eval import load_reference
 
@@ -234,8 +236,13 @@ def _reference(cfg: Config, reference: str | None, out: Path):
     return load_reference(source, eval_settings(cfg), output=out / "reference.json")
 
 
-def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None = None) -> dict:
-    """Unlearn ``cfg.data.forget_split`` from ``model`` on Ray Train; returns the summary."""
+def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None = None,
+                 parent_run_id: str | None = None, before: dict | None = None) -> dict:
+    """Unlearn ``cfg.data.forget_split`` from ``model`` on Ray Train; returns the summary.
+
+    ``parent_run_id`` makes the MLflow run a child (Tune trials); ``before`` passes aggregates of
+    the model before unlearning evaluated elsewhere (the gate's base), instead of evaluating here.
+    """
     import mlflow
     from mlflow import MlflowClient
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -264,7 +271,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     storage = cfg.ray.storage_path or str(out / "ray")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    run_id, resumed = start_or_resume_run(cfg, uri)
+    run_id, resumed = start_or_resume_run(cfg, uri, parent_run_id)
     client = MlflowClient(uri)
     # One Ray run directory per MLflow run: a re-run of an unfinished run resumes from its
     # checkpoints, a new run never picks up an older run's.
@@ -273,11 +280,13 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
 
     # 2. evaluate before
-    ref = _reference(cfg, reference, eval_dir)
+    ref = reference_for(cfg, reference, eval_dir)
     results: dict[str, dict] = {}
-    if cfg.eval.before:
+    if before is not None:
+        results["before"] = {"aggregates": before}
+    elif cfg.eval.before:
         print(f"evaluating {spec} before unlearning", flush=True)
-        results["before"] = _evaluate(spec, cfg, ref, eval_dir, "before")
+        results["before"] = evaluate_stage(spec, cfg, ref, eval_dir, "before")
         log_evaluation(client, run_id, "before", results["before"], eval_dir)
 
     # 3. unlearn on Ray Train
@@ -324,7 +333,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     # 4. evaluate after, artifacts, summary
     if cfg.eval.after:
         print(f"evaluating {model_dir} after unlearning", flush=True)
-        results["after"] = _evaluate(str(model_dir), cfg, ref, eval_dir, "after")
+        results["after"] = evaluate_stage(str(model_dir), cfg, ref, eval_dir, "after")
         log_evaluation(client, run_id, "after", results["after"], eval_dir)
     history = step_history(client, run_id)
     plot = plot_dual_dynamics(history, out / "dual_dynamics.png") if history else None

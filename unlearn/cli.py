@@ -6,6 +6,7 @@
     unlearn finetune CONFIG [k=v ...]       target + retain reference models (TOFU protocol)
     unlearn forget CONFIG [k=v ...]         single-process unlearning of the configured forget set
     unlearn eval --model M [--reference R]  TOFU/MUSE metrics of a model (table + JSON)
+    unlearn tune CONFIG [k=v ...]           Ray Tune search; the best trial is gated and registered
     unlearn promote NAME [VERSION]          alias champion -> a gated version that does not regress
     unlearn serve NAME                      HTTP endpoint for the champion (gated versions only)
     unlearn synth {tofu,muse} --out DIR     write the seeded synthetic data set
@@ -153,6 +154,18 @@ def _mlflow_client(uri: str | None):
     return MlflowClient(uri)
 
 
+def _cmd_tune(args) -> int:
+    from pipelines.tune import run_tune
+
+    overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
+    cfg = load_config(args.config, overrides)
+    try:
+        run_tune(cfg, resolve_model(args.model) if args.model else None, reference=args.reference)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
 def _cmd_promote(args) -> int:
     from pipelines.registry import PromotionRefused, promote
 
@@ -249,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=2, help="Ray actors, each loads the model once")
     ev.add_argument("--gpus-per-worker", type=float, default=0.0)
     ev.set_defaults(func=_cmd_eval)
+
+    tune_cmd = sub.add_parser("tune", help="Ray Tune search (Optuna) over eps/rho, top_k, lr, ...; "
+                              "registers the best trial if it passes the gate")
+    tune_cmd.add_argument("config", help="YAML config with a tune.search_space")
+    tune_cmd.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    tune_cmd.add_argument("--model", default=None, help="model to unlearn from (default: model.name_or_path)")
+    tune_cmd.add_argument("--reference", default=None, help="retain model or its eval JSON")
+    tune_cmd.add_argument("--output", default=None, help="output_dir override")
+    tune_cmd.set_defaults(func=_cmd_tune)
 
     prom = sub.add_parser("promote", help="move alias champion to a gated, non-regressing version")
     prom.add_argument("name", help="registered model name")

@@ -176,6 +176,51 @@ class RegistryConfig(_Strict):
     model_name: str | None = Field("unlearned-model", description="registered model; null: never register")
 
 
+TUNABLE = ("dual.eps", "dual.rho", "dual.eta_dual", "dual.lam_0", "train.lr", "method.params.top_k",
+           "method.params.prefix_tokens")
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+
+
+class TuneConfig(_Strict):
+    """Ray Tune search: ``search_space`` maps a tunable key to one distribution, e.g.
+    ``dual.eps: {loguniform: [0.01, 1.0]}`` or ``method.params.top_k: {choice: [0, 5, 20]}``."""
+
+    num_samples: int = Field(4, ge=1)
+    metric: str | None = Field(None, description="one metric to maximise; null: the two-objective "
+                               "search (maximise forget_quality and model_utility)")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster fits")
+    search_space: dict[str, dict[str, list]] = {}
+    seed: int = 0
+
+    @field_validator("search_space")
+    @classmethod
+    def _space(cls, space: dict[str, dict[str, list]]) -> dict[str, dict[str, list]]:
+        for key, spec in space.items():
+            if key not in TUNABLE:
+                raise ValueError(f"unknown parameter {key!r} (tunable: {', '.join(TUNABLE)})")
+            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                raise ValueError(f"{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, got {sorted(spec)}")
+            kind, values = next(iter(spec.items()))
+            if kind == "choice":
+                if not values:
+                    raise ValueError(f"{key}: empty choice")
+            elif len(values) != 2 or not values[0] < values[1]:
+                raise ValueError(f"{key}: {kind} needs [low, high] with low < high, got {values} "
+                                 "(empty range)")
+            elif kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"{key}: loguniform needs low > 0, got {values[0]}")
+        return space
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str | None) -> str | None:
+        from unlearn.gate import KNOWN_METRICS
+
+        if metric is not None and metric not in KNOWN_METRICS:
+            raise ValueError(f"unknown metric {metric!r}")
+        return metric
+
+
 class Config(_Strict):
     run_name: str = "unlearn"
     output_dir: str = "outputs"
@@ -190,6 +235,7 @@ class Config(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
 def _format_error(exc: ValidationError) -> str:

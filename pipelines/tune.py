@@ -1,0 +1,244 @@
+"""Ray Tune over the constraint thresholds, top-k and the optimiser settings.
+
+Train V2 pattern: each trial is a driver function that runs the whole pipeline (build and fit a
+``TorchTrainer``, export, evaluate) as an MLflow child run of the search's parent run. The model
+before unlearning and the reference are evaluated once, by the parent. Optuna searches either
+two objectives (maximise forget quality and model utility) or one metric. Afterwards the parent
+gets a Pareto plot and a table of every trial; the best trial (highest forget quality among those
+above the gate's utility floor) is judged by the gate and, if it passes, registered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from unlearn.config import Config, build_config
+from unlearn.gate import parse_rules
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("forget_quality", "model_utility")
+
+
+def search_space(cfg: Config) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, spec in cfg.tune.search_space.items():
+        kind, values = next(iter(spec.items()))
+        if kind == "choice":
+            space[key] = tune.choice(values)
+        elif kind == "randint":
+            space[key] = tune.randint(int(values[0]), int(values[1]) + 1)
+        else:
+            space[key] = getattr(tune, kind)(float(values[0]), float(values[1]))
+    return space
+
+
+def check_space(cfg: Config) -> None:
+    """Build the config at the corners of the space, so a bad combination fails before any trial."""
+    base = cfg.model_dump(mode="json")
+    corners = [{}, {}]
+    for key, spec in cfg.tune.search_space.items():
+        kind, values = next(iter(spec.items()))
+        corners[0][key], corners[1][key] = values[0], values[-1]
+    for corner in corners:
+        build_config(base, [f"{k}={json.dumps(v)}" for k, v in corner.items()])
+
+
+def utility_floor(cfg: Config, before: dict | None) -> float | None:
+    """The gate's lower bound on model utility (None when the gate has no such rule)."""
+    for rule in parse_rules(cfg.gate.rules):
+        if rule.metric == "model_utility" and rule.op in (">=", ">"):
+            if rule.value is not None:
+                return rule.value
+            base = (before or {}).get(rule.base_metric)
+            return None if base is None else rule.factor * base
+    return None
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """Which points no other point beats on both coordinates (both maximised)."""
+    return [not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points) for p in points]
+
+
+def plot_pareto(rows: list[dict], out_file: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["forget_quality"] is not None and r["model_utility"] is not None]
+    points = [(r["forget_quality"], r["model_utility"]) for r in done]
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for (fq, mu), on_front, row in zip(points, front, done):
+        ax.scatter(fq, mu, c="tab:red" if on_front else "tab:gray", s=40)
+        ax.annotate(row["trial"][-5:], (fq, mu), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("forget quality (KS p-value vs retain model)")
+    ax.set_ylabel("model utility")
+    ax.set_title("trials (red: Pareto front)")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=120)
+    plt.close(fig)
+    return out_file
+
+
+def _trial(params: dict, setup: dict) -> None:
+    """One Tune trial: the pipeline with ``params`` applied, as a child run of the search."""
+    from ray import tune
+
+    from pipelines.run import run_pipeline
+
+    name = tune.get_context().get_trial_name()
+    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    overrides += [f"output_dir={setup['output_dir']}/{name}", f"run_name={setup['run_name']}-{name}",
+                  "eval.before=false", "registry.model_name=null"]
+    cfg = build_config(setup["config"], overrides)
+    summary = run_pipeline(cfg, setup["model"], reference=setup["reference"],
+                           parent_run_id=setup["parent_run_id"], before=setup["before"])
+    after = summary["after"] or {}
+    tune.report({**{k: (after.get(k) if after.get(k) is not None else 0.0) for k in OBJECTIVES},
+                 "child_run_id": summary["mlflow_run_id"], "model_uri": summary["model_uri"],
+                 "privleak": after.get("privleak") if after.get("privleak") is not None else float("nan")})
+
+
+def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = None) -> dict:
+    """The search; returns the table of trials, the best trial and its registration."""
+    import mlflow
+    from mlflow import MlflowClient
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.ray_env import ensure_ray
+    from pipelines.registry import fingerprint, judge_and_register
+    from pipelines.run import (
+        RUN_NAME_TAG,
+        evaluate_stage,
+        reference_for,
+        check_mlflow,
+        check_model,
+        check_resources,
+        tracking_uri,
+    )
+    from unlearn.workflow import load_unlearn_data
+
+    start = time.perf_counter()
+    if not cfg.tune.search_space:
+        raise ValueError("tune.search_space is empty: name at least one parameter to search")
+    check_space(cfg)
+    spec = model or cfg.model.name_or_path
+    out = Path(cfg.output_dir).resolve()
+    data = load_unlearn_data(cfg)
+    check_model(spec)
+    uri = tracking_uri(cfg)
+    check_mlflow(uri)
+    ensure_ray()
+    check_resources(cfg)
+
+    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = MlflowClient(uri)
+    parent = client.create_run(experiment.experiment_id, run_name=f"{cfg.run_name}-tune",
+                               tags={RUN_NAME_TAG: f"{cfg.run_name}-tune", "unlearn.kind": "tune"})
+    parent_id = parent.info.run_id
+    client.log_param(parent_id, "search_space", json.dumps(cfg.tune.search_space))
+    eval_dir = out / "eval"
+    ref = reference_for(cfg, reference, eval_dir)
+    written = eval_dir / "reference.json"  # the reference model's evaluation, reused by every trial
+    reference_json = str(written) if written.is_file() else reference
+    print(f"evaluating {spec} before unlearning (once, for every trial)", flush=True)
+    before = evaluate_stage(spec, cfg, ref, eval_dir, "before")["aggregates"]
+
+    if cfg.tune.metric:
+        searcher = OptunaSearch(metric=cfg.tune.metric, mode="max", seed=cfg.tune.seed)
+    else:
+        searcher = OptunaSearch(metric=list(OBJECTIVES), mode=["max", "max"], seed=cfg.tune.seed)
+    per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    import ray
+
+    fits = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    concurrency = min(cfg.tune.max_concurrent_trials or fits, fits)
+    setup = {"config": cfg.model_dump(mode="json"), "model": spec, "reference": reference_json,
+             "parent_run_id": parent_id, "before": before, "output_dir": str(out / "trials"),
+             "run_name": cfg.run_name}
+    # The trial's driver needs no CPU (its TorchTrainer asks for the workers' CPUs); Tune wants a
+    # non-empty request, so it asks for one byte of memory.
+    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": 0, "memory": 1})
+    storage = str(out / "tune")
+    name = f"{cfg.run_name}-tune"
+    if tune.Tuner.can_restore(f"{storage}/{name}"):
+        print(f"resuming the interrupted search in {storage}/{name}", flush=True)
+        tuner = tune.Tuner.restore(f"{storage}/{name}", trainable=trainable, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.tune.num_samples,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    print(f"searching {len(cfg.tune.search_space)} parameter(s), {cfg.tune.num_samples} trials, "
+          f"{concurrency} at a time", flush=True)
+    grid = tuner.fit()
+
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        row = {"trial": metrics.get("trial_id") or (Path(result.path).name if result.path else "?"),
+               **{k: result.config.get(k) for k in cfg.tune.search_space},
+               "forget_quality": metrics.get("forget_quality"), "model_utility": metrics.get("model_utility"),
+               "privleak": metrics.get("privleak"), "child_run_id": metrics.get("child_run_id"),
+               "model_uri": metrics.get("model_uri"), "status": "failed" if result.error else "done"}
+        if result.error:
+            row["error"] = str(result.error).splitlines()[0][:300]
+        rows.append(row)
+    (out / "tune_trials.json").write_text(json.dumps(rows, indent=2))
+    client.log_artifact(parent_id, str(out / "tune_trials.json"))
+    plot = plot_pareto(rows, out / "pareto.png")
+    client.log_artifact(parent_id, str(plot))
+    from unlearn.report import format_table
+
+    header = ["trial", *cfg.tune.search_space, "forget_quality", "model_utility", "privleak", "status"]
+    table = format_table(header, [[r.get(h) for h in header] for r in rows])
+    (out / "tune_trials.txt").write_text(table + "\n")
+    client.log_artifact(parent_id, str(out / "tune_trials.txt"))
+    print()
+    print(table)
+
+    floor = utility_floor(cfg, before)
+    done = [r for r in rows if r["status"] == "done" and r["model_uri"]]
+    eligible = [r for r in done if floor is None or (r["model_utility"] or 0) >= floor] or []
+    best = max(eligible, key=lambda r: r["forget_quality"] or 0.0) if eligible else None
+    registration = None
+    if best is None:
+        print(f"no trial reached the utility floor {floor:.4g}: nothing to register" if floor is not None
+              else "no trial finished: nothing to register", flush=True)
+    else:
+        child = client.get_run(best["child_run_id"])
+        after = {k.removeprefix("after."): v for k, v in child.data.metrics.items() if k.startswith("after.")}
+        lineage = {"base_model": spec, "method": cfg.method.name, "forget_split": cfg.data.forget_split,
+                   "data": str(cfg.data.source), "forget_records": len(data.forget),
+                   "forget_fingerprint": fingerprint(data.forget), "config_hash": best["trial"],
+                   "mlflow_run_id": best["child_run_id"],
+                   "tune_parent_run_id": parent_id}
+        registration = judge_and_register(client, best["child_run_id"], best["model_uri"],
+                                          rules=cfg.gate.rules, after=after, before=before, reasons={},
+                                          model_name=cfg.registry.model_name, lineage=lineage)
+        verdict = "passed" if registration.gate.passed else "failed"
+        print(f"best trial {best['trial']}: forget_quality {best['forget_quality']:.4g}, model_utility "
+              f"{best['model_utility']:.4g}; gate {verdict}"
+              + (f"; registered {cfg.registry.model_name} version {registration.version} (challenger)"
+                 if registration.version else ""), flush=True)
+        client.set_tag(parent_id, "best_trial", best["trial"])
+    client.set_terminated(parent_id, "FINISHED")
+    summary = {"parent_run_id": parent_id, "trials": rows, "best": best, "utility_floor": floor,
+               "gate": registration.gate.to_dict() if registration else None,
+               "registered_version": registration.version if registration else None,
+               "pareto_plot": str(plot), "seconds": round(time.perf_counter() - start, 1)}
+    (out / "tune_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    mlflow.set_tracking_uri(None)
+    return summary
