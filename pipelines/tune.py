@@ -99,12 +99,40 @@ def _trial(params: dict, setup: dict) -> None:
     overrides += [f"output_dir={setup['output_dir']}/{name}", f"run_name={setup['run_name']}-{name}",
                   "eval.before=false", "registry.model_name=null"]
     cfg = build_config(setup["config"], overrides)
-    summary = run_pipeline(cfg, setup["model"], reference=setup["reference"],
-                           parent_run_id=setup["parent_run_id"], before=setup["before"])
+    try:
+        summary = run_pipeline(cfg, setup["model"], reference=setup["reference"],
+                               parent_run_id=setup["parent_run_id"], before=setup["before"])
+    except BaseException:
+        _mark_failed(cfg)  # the child run says FAILED; Tune records the error and goes on
+        raise
     after = summary["after"] or {}
     tune.report({**{k: (after.get(k) if after.get(k) is not None else 0.0) for k in OBJECTIVES},
                  "child_run_id": summary["mlflow_run_id"], "model_uri": summary["model_uri"],
                  "privleak": after.get("privleak") if after.get("privleak") is not None else float("nan")})
+
+
+def _mark_failed(cfg: Config) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.run import RUN_NAME_TAG, tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}' and "
+                                                "attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "FAILED")
+
+
+def parent_run(client, experiment_id: str, name: str) -> str:
+    """The search's MLflow run: the unfinished one of an interrupted search, else a new one."""
+    from pipelines.run import RUN_NAME_TAG
+
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}' and "
+                                                             "attributes.status != 'FINISHED'", max_results=1)
+    if runs:
+        return runs[0].info.run_id
+    return client.create_run(experiment_id, run_name=name,
+                             tags={RUN_NAME_TAG: name, "unlearn.kind": "tune"}).info.run_id
 
 
 def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = None) -> dict:
@@ -117,12 +145,11 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     from pipelines.ray_env import ensure_ray
     from pipelines.registry import fingerprint, judge_and_register
     from pipelines.run import (
-        RUN_NAME_TAG,
-        evaluate_stage,
-        reference_for,
         check_mlflow,
         check_model,
         check_resources,
+        evaluate_stage,
+        reference_for,
         tracking_uri,
     )
     from unlearn.workflow import load_unlearn_data
@@ -142,10 +169,9 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
 
     experiment = mlflow.set_experiment(cfg.mlflow.experiment)
     client = MlflowClient(uri)
-    parent = client.create_run(experiment.experiment_id, run_name=f"{cfg.run_name}-tune",
-                               tags={RUN_NAME_TAG: f"{cfg.run_name}-tune", "unlearn.kind": "tune"})
-    parent_id = parent.info.run_id
-    client.log_param(parent_id, "search_space", json.dumps(cfg.tune.search_space))
+    parent_id = parent_run(client, experiment.experiment_id, f"{cfg.run_name}-tune")
+    if "search_space" not in client.get_run(parent_id).data.params:
+        client.log_param(parent_id, "search_space", json.dumps(cfg.tune.search_space))
     eval_dir = out / "eval"
     ref = reference_for(cfg, reference, eval_dir)
     written = eval_dir / "reference.json"  # the reference model's evaluation, reused by every trial
