@@ -98,7 +98,7 @@ class DualConfig(_Strict):
 
 class TrainConfig(_Strict):
     lr: float = Field(5e-4, gt=0)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.01, ge=0)
