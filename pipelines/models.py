@@ -38,10 +38,22 @@ class HFGenerator(mlflow.pyfunc.PythonModel):
 
 def log_hf_model(folder: str | Path, name: str = "model", **kwargs):
     """Log ``folder`` as an MLflow model in the active run; returns its ``ModelInfo``."""
+    import logging
+    import warnings
+
     if not (Path(folder) / "config.json").is_file():
         raise ModelLoadError(f"{folder} is not a from_pretrained folder (no config.json)")
-    return mlflow.pyfunc.log_model(name=name, python_model=HFGenerator(),
-                                   artifacts={ARTIFACT: str(folder)}, pip_requirements=[], **kwargs)
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
+    # The wrapper class is ours and importable; MLflow's pickling and type-hint advice is noise here.
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return mlflow.pyfunc.log_model(name=name, python_model=HFGenerator(),
+                                           artifacts={ARTIFACT: str(folder)}, pip_requirements=[], **kwargs)
+    finally:
+        pyfunc_log.setLevel(level)
 
 
 def download_model(uri: str, dst: str | Path | None = None) -> str:
