@@ -398,14 +398,9 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
 
 def run_demo_pipeline(cfg: Config) -> dict:
     """The demo: finetune target and retain models (one process), then the whole pipeline."""
-    from unlearn.workflow import run_finetune
+    from unlearn.demo import finetune_stage
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    print(f"[1/2] finetuning target (full split) and retain models of {cfg.model.name_or_path!r} "
-          f"on {cfg.data.source} {cfg.data.benchmark.upper()} data", flush=True)
-    finetuned = run_finetune(cfg)
+    out, start, finetuned = finetune_stage(cfg, "[1/2]")
     print(f"[2/2] Ray pipeline: unlearning {cfg.data.forget_split} from the target", flush=True)
     summary = run_pipeline(cfg, finetuned["target"], reference=finetuned["retain"])
     summary["finetune"] = {k: v for k, v in finetuned.items() if not k.endswith("history")}

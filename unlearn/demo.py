@@ -39,13 +39,18 @@ def evaluate_stages(cfg: Config, models: dict[str, str], reference_model: str) -
     return results
 
 
-def run_demo(cfg: Config) -> dict:
+def finetune_stage(cfg: Config, label: str) -> tuple[Path, float, dict]:
+    """The demo's first stage (both variants): output folder, start time, finetuned models."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"[1/3] finetuning target (full split) and retain models of {cfg.model.name_or_path!r} "
-          f"on {cfg.data.source} {cfg.data.benchmark.upper()} data")
-    finetuned = run_finetune(cfg)
+    print(f"{label} finetuning target (full split) and retain models of {cfg.model.name_or_path!r} "
+          f"on {cfg.data.source} {cfg.data.benchmark.upper()} data", flush=True)
+    return out, start, run_finetune(cfg)
+
+
+def run_demo(cfg: Config) -> dict:
+    out, start, finetuned = finetune_stage(cfg, "[1/3]")
     print(f"[2/3] unlearning {cfg.data.forget_split} from the target with {cfg.method.name}")
     result = run_unlearning(cfg, finetuned["target"])
     plot = plot_dual_dynamics(result["history"], out / "dual_dynamics.png")
