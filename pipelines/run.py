@@ -276,6 +276,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     # One Ray run directory per MLflow run: a re-run of an unfinished run resumes from its
     # checkpoints, a new run never picks up an older run's.
     ray_name = f"{cfg.run_name}-{run_id[:8]}"
+    # Ray Train V2 restores a run from the checkpoints under storage/name by itself.
     resume_from = latest_checkpoint(storage, ray_name) if resumed else None
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}", flush=True)
 
@@ -313,7 +314,6 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
-        resume_from_checkpoint=resume_from,
     )
     print(f"unlearning {cfg.data.forget_split} with {objective.name} on {r.num_workers} FSDP2 worker(s); "
           f"checkpoints in {storage}/{ray_name}"

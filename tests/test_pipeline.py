@@ -93,3 +93,21 @@ def test_unreachable_mlflow_fails_before_training(make_cfg):
     make, report = make_cfg
     with pytest.raises(PipelineError, match="MLflow is not reachable at http://127.0.0.1:9"):
         run_pipeline(make("no-mlflow", "mlflow.tracking_uri=http://127.0.0.1:9"), report["target"])
+
+
+@pytest.mark.slow
+def test_rerunning_a_failed_run_resumes_it_from_its_checkpoint(make_cfg, uninterrupted):
+    make, report = make_cfg
+    _, clean = uninterrupted
+    cfg = make("rerun", "ray.fail_at_step=3", "ray.max_failures=0")
+    with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError / ControllerError
+        run_pipeline(cfg, report["target"], reference=report["retain"])
+    summary = run_pipeline(cfg, report["target"], reference=report["retain"])  # the same run_name
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`unlearn.run_name` = 'rerun'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, resumed
+    for key in ("loss", "forget_loss", "retain_loss", "lam"):
+        resumed, reference = _history(summary, key), _history(clean, key)
+        assert [s for s, _ in resumed] == [s for s, _ in reference]
+        assert resumed[-1][1] == pytest.approx(reference[-1][1], rel=RESUME_TOLERANCE), key
