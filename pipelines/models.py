@@ -26,7 +26,7 @@ class HFGenerator(mlflow.pyfunc.PythonModel):
         folder = context.artifacts[ARTIFACT]
         self.model, self.tokenizer = load_model(folder), load_tokenizer(folder)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict[str, int] | None = None) -> list[str]:
         from unlearn.data.tokenize import prompt_ids
         from unlearn.eval.scoring import greedy_generate
 
