@@ -19,6 +19,7 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> N
         return
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one line per dataset, not a stream of progress logs
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # execution plans are not news to a user
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
