@@ -26,8 +26,6 @@ from unlearn.models import ModelLoadError
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "unlearn.run_name"
-EVAL_KEYS = ("forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
-             "privleak", "extraction_strength")
 
 
 class PipelineError(RuntimeError):
@@ -251,6 +249,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     from pipelines.data import tokenized_dataset
     from pipelines.ray_env import ensure_ray
     from unlearn.eval import compare_table
+    from unlearn.eval.report import headline
     from unlearn.report import plot_dual_dynamics
     from unlearn.workflow import build_objective, load_unlearn_data, resolve_source
 
@@ -377,7 +376,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     client.set_terminated(run_id, "FINISHED")
 
     columns = {k: v for k, v in results.items() if v is not None}
-    keys = EVAL_KEYS if cfg.data.benchmark == "tofu" else ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+    keys = headline(cfg.data.benchmark)
     if columns:
         print()
         print(compare_table(columns, keys))

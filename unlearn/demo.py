@@ -12,11 +12,10 @@ from pathlib import Path
 
 from unlearn.config import Config
 from unlearn.eval import EvalReference, EvalSettings, compare_table, evaluate_model, write_result
+from unlearn.eval.report import headline
 from unlearn.report import format_table, plot_dual_dynamics
 from unlearn.workflow import resolve_source, run_finetune, run_unlearning
 
-HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
-            "privleak", "extraction_strength")
 
 
 def eval_settings(cfg: Config) -> EvalSettings:
@@ -59,7 +58,7 @@ def run_demo(cfg: Config) -> dict:
                             finetuned["retain"])
 
     print()
-    keys = HEADLINE if cfg.data.benchmark == "tofu" else ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+    keys = headline(cfg.data.benchmark)
     print(compare_table({"target (before)": evals["target"], "unlearned (after)": evals["unlearned"],
                          "retain model": evals["retain model"]}, keys))
     rows = [["retain loss (NLL)", result["before"]["retain_loss"], result["after"]["retain_loss"]]]

@@ -31,6 +31,11 @@ TOFU_HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rouge
 MUSE_HEADLINE = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 
 
+def headline(benchmark: str) -> tuple[str, ...]:
+    """The metrics a person reads first for ``benchmark`` (tables, before/after comparisons)."""
+    return TOFU_HEADLINE if benchmark == "tofu" else MUSE_HEADLINE
+
+
 def mean_or_none(values: Sequence[float]) -> float | None:
     return float(sum(values) / len(values)) if len(values) else None
 
@@ -99,11 +104,11 @@ def _cell(value: float | None) -> str:
 
 def format_aggregates(result: dict) -> str:
     """The aggregates as a table: headline metrics first, then the rest; reasons below."""
-    headline = TOFU_HEADLINE if result["benchmark"] == "tofu" else MUSE_HEADLINE
+    first = headline(result["benchmark"])
     aggregates = result["aggregates"]
-    keys = [k for k in headline if k in aggregates] + sorted(k for k in aggregates if k not in headline)
+    keys = [k for k in first if k in aggregates] + sorted(k for k in aggregates if k not in first)
     table = format_table(["metric", "value"], [[k, _cell(aggregates[k])] for k in keys])
-    notes = [f"  {k}: {reason}" for k, reason in result.get("unavailable", {}).items() if k in headline]
+    notes = [f"  {k}: {reason}" for k, reason in result.get("unavailable", {}).items() if k in first]
     return table + ("\nunavailable:\n" + "\n".join(notes) if notes else "")
 
 
