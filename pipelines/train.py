@@ -198,7 +198,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker (FSDP2 rank)."""
     import ray.train
 
-    from pipelines.data import epoch_pairs, pull_features
+    from pipelines.data import epoch_pairs, pull_features, rank_slice
     from pipelines.fsdp import shard_model
     from unlearn.config import build_config
     from unlearn.loop import Unlearner, build_optimizer, build_scheduler, mean_nll
@@ -238,8 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def my_rows(features):
         batches = make_batches(features, t.batch_size, pad)
-        return [to_device({k: v[rank::world] for k, v in b.items()}) for b in batches
-                if len(b["input_ids"]) >= world]
+        return [to_device(rank_slice(b, rank, world)) for b in batches if len(b["input_ids"]) >= world]
 
     def pairs_for(epoch):
         pairs = epoch_pairs(forget, retain if objective.wants_retain() else None, batch_size=t.batch_size,
