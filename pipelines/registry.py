@@ -41,6 +41,14 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def lineage(cfg, base_model: str, forget_records: list, run_id: str, **extra) -> dict:
+    """What a registered version came from: the tags and the model card's first paragraph."""
+    return {"base_model": base_model, "method": cfg.method.name, "forget_split": cfg.data.forget_split,
+            "data": str(cfg.data.source), "forget_records": len(forget_records),
+            "forget_fingerprint": fingerprint(forget_records),
+            "config_hash": config_hash(cfg.model_dump(mode="json")), "mlflow_run_id": run_id, **extra}
+
+
 def model_card(name: str, lineage: dict, gate: GateResult, after: dict, before: dict | None) -> str:
     lines = [f"# {name}: unlearned model", "",
              f"Base model `{lineage['base_model']}`, method `{lineage['method']}`, forget split "
@@ -99,10 +107,15 @@ def _gate_metrics(rules: list[str]) -> list[str]:
     return [r.metric for r in parse_rules(rules)]
 
 
+def after_metrics(client, run_id: str) -> dict:
+    """The ``after.*`` evaluation metrics a pipeline run logged, by aggregate name."""
+    metrics = client.get_run(run_id).data.metrics
+    return {k.removeprefix("after."): v for k, v in metrics.items() if k.startswith("after.")}
+
+
 def version_metrics(client, name: str, version: str) -> dict:
     """The ``after.*`` evaluation metrics of the run that produced ``version``."""
-    run = client.get_run(client.get_model_version(name, version).run_id)
-    return {k.removeprefix("after."): v for k, v in run.data.metrics.items() if k.startswith("after.")}
+    return after_metrics(client, client.get_model_version(name, version).run_id)
 
 
 def require_gated(client, name: str, version: str) -> None:

@@ -349,16 +349,13 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         client.log_artifact(run_id, str(plot))
     gate, version = None, None
     if "after" in results:
-        from pipelines.registry import config_hash, fingerprint, judge_and_register
+        from pipelines.registry import judge_and_register, lineage
 
-        lineage = {"base_model": spec, "method": objective.name, "forget_split": cfg.data.forget_split,
-                   "data": resolve_source(cfg), "forget_records": len(data.forget),
-                   "forget_fingerprint": fingerprint(data.forget),
-                   "config_hash": config_hash(cfg.model_dump(mode="json")), "mlflow_run_id": run_id}
         registration = judge_and_register(
             client, run_id, model_uri, rules=cfg.gate.rules, after=results["after"]["aggregates"],
             before=results.get("before", {}).get("aggregates"), reasons=results["after"]["unavailable"],
-            model_name=cfg.registry.model_name, lineage=lineage)
+            model_name=cfg.registry.model_name,
+            lineage=lineage(cfg, spec, data.forget, run_id, data=resolve_source(cfg)))
         gate, version = registration.gate.to_dict(), registration.version
     summary = {
         "gate": gate, "registered_version": version,

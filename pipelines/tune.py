@@ -143,7 +143,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     from ray.tune.search.optuna import OptunaSearch
 
     from pipelines.ray_env import ensure_ray
-    from pipelines.registry import fingerprint, judge_and_register
+    from pipelines.registry import after_metrics, judge_and_register, lineage
     from pipelines.run import (
         check_mlflow,
         check_model,
@@ -244,16 +244,15 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         print(f"no trial reached the utility floor {floor:.4g}: nothing to register" if floor is not None
               else "no trial finished: nothing to register", flush=True)
     else:
-        child = client.get_run(best["child_run_id"])
-        after = {k.removeprefix("after."): v for k, v in child.data.metrics.items() if k.startswith("after.")}
-        lineage = {"base_model": spec, "method": cfg.method.name, "forget_split": cfg.data.forget_split,
-                   "data": str(cfg.data.source), "forget_records": len(data.forget),
-                   "forget_fingerprint": fingerprint(data.forget), "config_hash": best["trial"],
-                   "mlflow_run_id": best["child_run_id"],
-                   "tune_parent_run_id": parent_id}
-        registration = judge_and_register(client, best["child_run_id"], best["model_uri"],
-                                          rules=cfg.gate.rules, after=after, before=before, reasons={},
-                                          model_name=cfg.registry.model_name, lineage=lineage)
+        # The best trial's own configuration (the search point applied), for its config hash.
+        trial_cfg = build_config(cfg.model_dump(mode="json"),
+                                 [f"{k}={json.dumps(best[k])}" for k in cfg.tune.search_space])
+        registration = judge_and_register(
+            client, best["child_run_id"], best["model_uri"], rules=cfg.gate.rules,
+            after=after_metrics(client, best["child_run_id"]), before=before, reasons={},
+            model_name=cfg.registry.model_name,
+            lineage=lineage(trial_cfg, spec, data.forget, best["child_run_id"], tune_parent_run_id=parent_id,
+                            tune_trial=best["trial"]))
         verdict = "passed" if registration.gate.passed else "failed"
         print(f"best trial {best['trial']}: forget_quality {best['forget_quality']:.4g}, model_utility "
               f"{best['model_utility']:.4g}; gate {verdict}"
