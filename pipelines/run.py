@@ -100,6 +100,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def unfinished_run(client, experiment_id: str, name: str) -> str | None:
+    """The newest run tagged ``name`` that did not finish (to resume it), or None."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}' and "
+                                                             "attributes.status != 'FINISHED'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
 def start_or_resume_run(cfg: Config, uri: str, parent_run_id: str | None = None) -> tuple[str, bool]:
     """The MLflow run of ``cfg.run_name``: the unfinished one if there is one, else a new one."""
     import mlflow
@@ -107,12 +115,9 @@ def start_or_resume_run(cfg: Config, uri: str, parent_run_id: str | None = None)
 
     experiment = mlflow.set_experiment(cfg.mlflow.experiment)
     client = MlflowClient(uri)
-    runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}' and "
-                                            "attributes.status != 'FINISHED'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    if runs:
-        return runs[0].info.run_id, True
+    existing = unfinished_run(client, experiment.experiment_id, cfg.run_name)
+    if existing:
+        return existing, True
     tags = {RUN_NAME_TAG: cfg.run_name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # a child run (a Tune trial) of the search's run
@@ -213,15 +218,6 @@ def latest_checkpoint(storage: str, name: str):
 # --------------------------------------------------------------------------- the job
 
 
-def evaluate_stage(spec: str, cfg: Config, reference, out: Path, name: str) -> dict:
-    from unlearn.demo import eval_settings
-    from unlearn.eval import evaluate_model, write_result
-
-    result = evaluate_model(spec, eval_settings(cfg), reference=reference, progress=False)
-    write_result(result, out / f"{name}.json")
-    return result
-
-
 def reference_for(cfg: Config, reference: str | None, out: Path):
     from unlearn.demo import eval_settings
     from unlearn.eval import load_reference
@@ -248,6 +244,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
 
     from pipelines.data import tokenized_dataset
     from pipelines.ray_env import ensure_ray
+    from unlearn.demo import evaluate_stage
     from unlearn.eval import compare_table
     from unlearn.eval.report import headline
     from unlearn.report import plot_dual_dynamics

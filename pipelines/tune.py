@@ -125,12 +125,11 @@ def _mark_failed(cfg: Config) -> None:
 
 def parent_run(client, experiment_id: str, name: str) -> str:
     """The search's MLflow run: the unfinished one of an interrupted search, else a new one."""
-    from pipelines.run import RUN_NAME_TAG
+    from pipelines.run import RUN_NAME_TAG, unfinished_run
 
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}' and "
-                                                             "attributes.status != 'FINISHED'", max_results=1)
-    if runs:
-        return runs[0].info.run_id
+    existing = unfinished_run(client, experiment_id, name)
+    if existing:
+        return existing
     return client.create_run(experiment_id, run_name=name,
                              tags={RUN_NAME_TAG: name, "unlearn.kind": "tune"}).info.run_id
 
@@ -148,10 +147,10 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         check_mlflow,
         check_model,
         check_resources,
-        evaluate_stage,
         reference_for,
         tracking_uri,
     )
+    from unlearn.demo import evaluate_stage
     from unlearn.workflow import load_unlearn_data
 
     start = time.perf_counter()

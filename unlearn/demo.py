@@ -25,16 +25,21 @@ def eval_settings(cfg: Config) -> EvalSettings:
                         max_length=cfg.eval.max_length)
 
 
+def evaluate_stage(spec: str, cfg: Config, reference: EvalReference | None, out: Path, name: str) -> dict:
+    """Evaluate one model with the config's settings and write ``out/<name>.json``."""
+    result = evaluate_model(spec, eval_settings(cfg), reference=reference, progress=False)
+    write_result(result, out / f"{name}.json")
+    return result
+
+
 def evaluate_stages(cfg: Config, models: dict[str, str], reference_model: str) -> dict[str, dict]:
     """Evaluate each model against the retain model; every result is written to ``output_dir/eval``."""
-    settings, out = eval_settings(cfg), Path(cfg.output_dir) / "eval"
-    retain = evaluate_model(reference_model, settings, progress=False)
-    write_result(retain, out / "retain.json")
+    out = Path(cfg.output_dir) / "eval"
+    retain = evaluate_stage(reference_model, cfg, None, out, "retain")
     reference = EvalReference.from_result(retain, str(out / "retain.json"))
     results = {"retain model": retain}
     for name, path in models.items():
-        results[name] = evaluate_model(path, settings, reference=reference, progress=False)
-        write_result(results[name], out / f"{name}.json")
+        results[name] = evaluate_stage(path, cfg, reference, out, name)
     return results
 
 
