@@ -231,11 +231,14 @@ def reference_for(cfg: Config, reference: str | None, out: Path):
 
 
 def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None = None,
-                 parent_run_id: str | None = None, before: dict | None = None) -> dict:
+                 parent_run_id: str | None = None, before: dict | None = None,
+                 epoch_metric: str | None = None) -> dict:
     """Unlearn ``cfg.data.forget_split`` from ``model`` on Ray Train; returns the summary.
 
     ``parent_run_id`` makes the MLflow run a child (Tune trials); ``before`` passes aggregates of
     the model before unlearning evaluated elsewhere (the gate's base), instead of evaluating here.
+    ``epoch_metric`` (Tune trials with early stopping) evaluates the model after every epoch but
+    the last and reports that metric, with ``epochs_done``, to the trial's Tune session.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -296,18 +299,29 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     if data.proxy is not None and objective.name == "egup":
         datasets["proxy"] = tokenized_dataset(data.proxy, tokenizer_spec, max_length=cfg.data.max_length)
     r = cfg.ray
+    loop_config = {"config": cfg.model_dump(mode="json"), "model": spec, "run_id": run_id,
+                   "tracking_uri": uri, "datasets": sorted(datasets), "storage_path": str(storage),
+                   "ray_name": ray_name}
+    callbacks = []
+    if epoch_metric is not None:
+        from dataclasses import asdict
+
+        from unlearn.demo import eval_settings
+
+        loop_config["epoch_eval"] = {"metric": epoch_metric, "settings": asdict(eval_settings(cfg)),
+                                     "reference": ref}
+        callbacks.append(_epoch_results_to_tune())
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "model": spec, "run_id": run_id,
-                           "tracking_uri": uri, "datasets": sorted(datasets), "storage_path": str(storage),
-                           "ray_name": ray_name},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=r.use_gpu,
             resources_per_worker={"CPU": r.cpus_per_worker, **r.resources_per_worker}),
         run_config=RunConfig(name=ray_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
+                             callbacks=callbacks),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
@@ -401,6 +415,19 @@ def run_demo_pipeline(cfg: Config) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"demo finished in {summary['seconds']} s", flush=True)
     return summary
+
+
+def _epoch_results_to_tune():
+    """A Train callback that forwards the workers' per-epoch evaluations (reports that carry
+    ``epochs_done``) to the Tune trial, for ASHA; checkpoint reports stay with Ray Train."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochResultsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and "epochs_done" in metrics[0]:
+                super().after_report(run_context, metrics, None)
+
+    return EpochResultsToTune()
 
 
 def _worker_entry(loop_config: dict) -> None:

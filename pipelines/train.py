@@ -117,26 +117,56 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
     return torch.load(folder / TRAIN_STATE.format(rank=rank), weights_only=False)
 
 
-def export_full_model(model, tokenizer, spec: str, out_dir: Path) -> Path | None:
-    """Gather the full state dict (collective) and, on rank 0, save a ``from_pretrained`` folder."""
+def gather_full_model(model, spec: str):
+    """The full model, gathered from the shards (collective): a HF model on rank 0, None elsewhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unlearn.models import resolve_model_path, save_model
+    from unlearn.models import resolve_model_path
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     dist = _dist()
     if dist is not None and dist.get_rank() != 0:
         return None
     config = AutoConfig.from_pretrained(resolve_model_path(spec))
-    fresh = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    with torch.random.fork_rng(devices=[]):  # the fresh model's random init must not move training's RNG
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"export: missing {missing}, unexpected {unexpected} parameters")
+        raise RuntimeError(f"gathering the model: missing {missing}, unexpected {unexpected} parameters")
     if config.tie_word_embeddings:
         fresh.tie_weights()
-    return save_model(fresh, tokenizer, out_dir)
+    return fresh
+
+
+def export_full_model(model, tokenizer, spec: str, out_dir: Path) -> Path | None:
+    """Gather the full model (collective) and, on rank 0, save a ``from_pretrained`` folder."""
+    from unlearn.models import save_model
+
+    full = gather_full_model(model, spec)
+    return None if full is None else save_model(full, tokenizer, out_dir)
+
+
+def evaluate_epoch(model, tokenizer, spec: str, epoch_eval: dict, device: torch.device) -> float:
+    """One metric of the current model (collective): rank 0 evaluates the gathered model with the
+    run's evaluation settings and reference; every rank returns its value (NaN if unavailable)."""
+    from unlearn.eval import EvalSettings, LocalScorer, evaluate
+
+    full = gather_full_model(model, spec)
+    value = [float("nan")]
+    if full is not None:
+        settings = EvalSettings(**epoch_eval["settings"])
+        scorer = LocalScorer(full.to(device), tokenizer, batch_size=settings.batch_size,
+                             max_length=settings.max_length, progress=False)
+        result = evaluate(scorer, tokenizer, settings, reference=epoch_eval["reference"])
+        found = result["aggregates"].get(epoch_eval["metric"])
+        value = [float("nan") if found is None else float(found)]
+        del scorer, full
+    dist = _dist()
+    if dist is not None:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 # --------------------------------------------------------------------------- MLflow from rank 0
@@ -178,17 +208,18 @@ class StepLogger:
                        Metric("eps", float(eps), now, 0)]
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.client is None or step <= self.last_logged:
+    def log(self, step: int, metrics: dict[str, float], *, force: bool = False) -> None:
+        """Log the step metrics (``KEYS``) once per step; ``force`` logs every given key, as is."""
+        if self.client is None or (step <= self.last_logged and not force):
             return
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(metrics[k]), now, step) for k in self.KEYS if k in metrics]
-        self.client.log_batch(self.run_id, metrics=batch)
-        self.last_logged = step
+        keys = list(metrics) if force else [k for k in self.KEYS if k in metrics]
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(metrics[k]), now, step) for k in keys])
+        self.last_logged = max(self.last_logged, step)
 
 
 # --------------------------------------------------------------------------- the worker
@@ -306,6 +337,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(_reportable(metrics), checkpoint=checkpoint)
             # Between checkpoints nothing is reported to Ray (a report synchronises every worker
             # with the controller); the step metrics go to MLflow from rank 0.
+        epoch_eval = loop_config.get("epoch_eval")
+        if epoch_eval is not None and epoch + 1 < t.epochs:
+            # For Tune's early stopping (forwarded to the trial by TuneReportCallback). The last
+            # epoch's value comes from the trial's full evaluation of the exported model.
+            value = evaluate_epoch(model, tokenizer, spec, epoch_eval, device)
+            logger.log(step, {f"epoch.{epoch_eval['metric']}": value}, force=True)
+            ray.train.report({epoch_eval["metric"]: value, "epochs_done": float(epoch + 1),
+                              "step": float(step)}, checkpoint=None)
 
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_full_model(model, tokenizer, spec, Path(tmp) / "model")

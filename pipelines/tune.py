@@ -99,16 +99,101 @@ def _trial(params: dict, setup: dict) -> None:
     overrides += [f"output_dir={setup['output_dir']}/{name}", f"run_name={setup['run_name']}-{name}",
                   "eval.before=false", "registry.model_name=null"]
     cfg = build_config(setup["config"], overrides)
+    metric = cfg.tune.metric
     try:
         summary = run_pipeline(cfg, setup["model"], reference=setup["reference"],
-                               parent_run_id=setup["parent_run_id"], before=setup["before"])
+                               parent_run_id=setup["parent_run_id"], before=setup["before"],
+                               epoch_metric=metric if cfg.tune.early_stopping else None)
     except BaseException:
         _mark_failed(cfg)  # the child run says FAILED; Tune records the error and goes on
         raise
     after = summary["after"] or {}
-    tune.report({**{k: (after.get(k) if after.get(k) is not None else 0.0) for k in OBJECTIVES},
-                 "child_run_id": summary["mlflow_run_id"], "model_uri": summary["model_uri"],
-                 "privleak": after.get("privleak") if after.get("privleak") is not None else float("nan")})
+    report = {k: _number(after.get(k), 0.0) for k in OBJECTIVES}
+    report["privleak"] = _number(after.get("privleak"))
+    if metric:
+        report[metric] = _number(after.get(metric))
+    tune.report({**report, "epochs_done": float(cfg.train.epochs), "child_run_id": summary["mlflow_run_id"],
+                 "model_uri": summary["model_uri"]})
+
+
+def _number(value, missing: float = float("nan")) -> float:
+    return missing if value is None else float(value)
+
+
+def trial_row(result, cfg: Config) -> dict:
+    """One line of the search's table: the trial's point, its final metrics and how it ended."""
+    metrics = result.metrics or {}
+    status = "failed" if result.error else "done" if metrics.get("model_uri") else "stopped early"
+    row = {"trial": metrics.get("trial_id") or (Path(result.path).name if result.path else "?"),
+           **{k: result.config.get(k) for k in cfg.tune.search_space}}
+    for key in dict.fromkeys([*(k for k in [cfg.tune.metric] if k), *OBJECTIVES, "privleak"]):
+        value = metrics.get(key)
+        row[key] = None if value is None or value != value else value  # NaN: not available
+    if status == "stopped early":  # its last value is a per-epoch one; the model was never exported
+        row.update({k: None for k in OBJECTIVES if k != cfg.tune.metric})
+    row.update({"epochs": int(metrics["epochs_done"]) if "epochs_done" in metrics else None,
+                "child_run_id": metrics.get("child_run_id"), "model_uri": metrics.get("model_uri"),
+                "status": status})
+    if result.error:
+        row["error"] = str(result.error).splitlines()[0][:300]
+    return row
+
+
+def best_trial(rows: list[dict], metric: str | None, mode: str = "max") -> dict | None:
+    """The best of ``rows``: by ``metric`` (one-objective search), else highest forget quality."""
+    key = metric or "forget_quality"
+    scored = [r for r in rows if r.get(key) is not None]
+    if not scored:
+        return None
+    sign = -1.0 if metric and mode == "min" else 1.0
+    return max(scored, key=lambda r: sign * r[key])
+
+
+def plot_epoch_curves(grid, metric: str, epochs: int, out_file: Path) -> Path | None:
+    """The metric after each epoch, one line per trial; a cross where ASHA stopped a trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    drawn = 0
+    for result in grid:
+        frame = result.metrics_dataframe
+        if frame is None or metric not in frame or "epochs_done" not in frame:
+            continue
+        points = frame[["epochs_done", metric]].dropna()
+        if points.empty:
+            continue
+        label = str(frame["trial_id"].iloc[-1]) if "trial_id" in frame else Path(result.path).name
+        line, = ax.plot(points["epochs_done"], points[metric], marker="o", label=label)
+        if points["epochs_done"].iloc[-1] < epochs and result.error is None:
+            ax.scatter(points["epochs_done"].iloc[-1:], points[metric].iloc[-1:], marker="x", s=120,
+                       color=line.get_color(), zorder=3)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epochs")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch (x: stopped early by ASHA)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=120)
+    plt.close(fig)
+    return out_file
+
+
+def _close_stopped_trials(client, parent_id: str) -> None:
+    """Child runs still RUNNING after the search were stopped early by ASHA: KILLED, tagged."""
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                            "attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_tag(run.info.run_id, "tune.stopped_early", "true")
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _mark_failed(cfg: Config) -> None:
@@ -178,8 +263,17 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     print(f"evaluating {spec} before unlearning (once, for every trial)", flush=True)
     before = evaluate_stage(spec, cfg, ref, eval_dir, "before")["aggregates"]
 
-    if cfg.tune.metric:
-        searcher = OptunaSearch(metric=cfg.tune.metric, mode="max", seed=cfg.tune.seed)
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    scheduler = None
+    if metric:
+        searcher = OptunaSearch(metric=metric, mode=mode, seed=cfg.tune.seed)
+        if cfg.tune.early_stopping:
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="epochs_done", metric=metric, mode=mode,
+                                      max_t=cfg.train.epochs,
+                                      grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                                      reduction_factor=cfg.tune.reduction_factor)
     else:
         searcher = OptunaSearch(metric=list(OBJECTIVES), mode=["max", "max"], seed=cfg.tune.seed)
     per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker
@@ -201,33 +295,36 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     else:
         tuner = tune.Tuner(
             trainable, param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=cfg.tune.num_samples,
-                                        max_concurrent_trials=concurrency),
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=cfg.tune.num_samples, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     print(f"searching {len(cfg.tune.search_space)} parameter(s), {cfg.tune.num_samples} trials, "
-          f"{concurrency} at a time", flush=True)
+          f"{concurrency} at a time"
+          + (f"; ASHA stops trials early on {metric} ({mode}) after each epoch" if scheduler else ""),
+          flush=True)
     grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < cfg.tune.num_samples:
+        # Ctrl+C: Tune saved its state; the parent run stays open for the resumed search.
+        print(f"search interrupted after {grid.num_terminated + grid.num_errors} of {cfg.tune.num_samples} "
+              f"trials; run the same command again to resume it", flush=True)
+        mlflow.set_tracking_uri(None)
+        return {"parent_run_id": parent_id, "interrupted": True}
 
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        row = {"trial": metrics.get("trial_id") or (Path(result.path).name if result.path else "?"),
-               **{k: result.config.get(k) for k in cfg.tune.search_space},
-               "forget_quality": metrics.get("forget_quality"), "model_utility": metrics.get("model_utility"),
-               "privleak": metrics.get("privleak"), "child_run_id": metrics.get("child_run_id"),
-               "model_uri": metrics.get("model_uri"), "status": "failed" if result.error else "done"}
-        if result.error:
-            row["error"] = str(result.error).splitlines()[0][:300]
-        rows.append(row)
+    rows = [trial_row(result, cfg) for result in grid]
+    _close_stopped_trials(client, parent_id)
     (out / "tune_trials.json").write_text(json.dumps(rows, indent=2))
     client.log_artifact(parent_id, str(out / "tune_trials.json"))
     plot = plot_pareto(rows, out / "pareto.png")
     client.log_artifact(parent_id, str(plot))
     from unlearn.report import format_table
 
-    header = ["trial", *cfg.tune.search_space, "forget_quality", "model_utility", "privleak", "status"]
+    curves = scheduler and plot_epoch_curves(grid, metric, cfg.train.epochs, out / "epoch_curves.png")
+    if curves:
+        client.log_artifact(parent_id, str(curves))
+    header = ["trial", *cfg.tune.search_space, *([metric] if metric not in (None, *OBJECTIVES) else []),
+              "forget_quality", "model_utility", "privleak", "epochs", "status"]
     table = format_table(header, [[r.get(h) for h in header] for r in rows])
     (out / "tune_trials.txt").write_text(table + "\n")
     client.log_artifact(parent_id, str(out / "tune_trials.txt"))
@@ -237,7 +334,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     floor = utility_floor(cfg, before)
     done = [r for r in rows if r["status"] == "done" and r["model_uri"]]
     eligible = [r for r in done if floor is None or (r["model_utility"] or 0) >= floor] or []
-    best = max(eligible, key=lambda r: r["forget_quality"] or 0.0) if eligible else None
+    best = best_trial(eligible, metric, mode)
     registration = None
     if best is None:
         print(f"no trial reached the utility floor {floor:.4g}: nothing to register" if floor is not None
@@ -253,8 +350,9 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
             lineage=lineage(trial_cfg, spec, data.forget, best["child_run_id"], tune_parent_run_id=parent_id,
                             tune_trial=best["trial"]))
         verdict = "passed" if registration.gate.passed else "failed"
-        print(f"best trial {best['trial']}: forget_quality {best['forget_quality']:.4g}, model_utility "
-              f"{best['model_utility']:.4g}; gate {verdict}"
+        print(f"best trial {best['trial']}: "
+              + ", ".join(f"{k} {best[k]:.4g}" for k in dict.fromkeys([metric or OBJECTIVES[0], *OBJECTIVES])
+                          if best.get(k) is not None) + f"; gate {verdict}"
               + (f"; registered {cfg.registry.model_name} version {registration.version} (challenger)"
                  if registration.version else ""), flush=True)
         client.set_tag(parent_id, "best_trial", best["trial"])

@@ -160,10 +160,10 @@ def _cmd_tune(args) -> int:
     overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
     cfg = load_config(args.config, overrides)
     try:
-        run_tune(cfg, resolve_model(args.model) if args.model else None, reference=args.reference)
+        summary = run_tune(cfg, resolve_model(args.model) if args.model else None, reference=args.reference)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return 0
+    return 130 if summary.get("interrupted") else 0
 
 
 def _cmd_promote(args) -> int:

@@ -188,9 +188,27 @@ class TuneConfig(_Strict):
     num_samples: int = Field(4, ge=1)
     metric: str | None = Field(None, description="one metric to maximise; null: the two-objective "
                                "search (maximise forget_quality and model_utility)")
+    mode: Literal["max", "min"] = Field("max", description="whether tune.metric is maximised or minimised")
+    scheduler: Literal["fifo", "asha"] | None = Field(
+        None, description="asha: stop trials early on the metric of an evaluation after each epoch; "
+                          "null: asha with one metric, fifo with the two objectives")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep the best 1/reduction_factor at a rung")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster fits")
     search_space: dict[str, dict[str, list]] = {}
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _scheduler_needs_one_metric(self) -> TuneConfig:
+        if self.scheduler == "asha" and self.metric is None:
+            raise ValueError("scheduler: asha stops trials on one metric; set tune.metric, or use "
+                             "scheduler: fifo for the two-objective search")
+        return self
+
+    @property
+    def early_stopping(self) -> bool:
+        """ASHA on a per-epoch evaluation of ``metric``."""
+        return self.scheduler == "asha" or (self.scheduler is None and self.metric is not None)
 
     @field_validator("search_space")
     @classmethod
@@ -204,7 +222,12 @@ class TuneConfig(_Strict):
             if kind == "choice":
                 if not values:
                     raise ValueError(f"{key}: empty choice")
-            elif len(values) != 2 or not values[0] < values[1]:
+                continue
+            try:  # YAML reads 1e-6 (no dot) as a string
+                values = spec[kind] = [(int if kind == "randint" else float)(float(v)) for v in values]
+            except (TypeError, ValueError):
+                raise ValueError(f"{key}: {kind} needs two numbers [low, high], got {values}") from None
+            if len(values) != 2 or not values[0] < values[1]:
                 raise ValueError(f"{key}: {kind} needs [low, high] with low < high, got {values} "
                                  "(empty range)")
             elif kind == "loguniform" and values[0] <= 0:
