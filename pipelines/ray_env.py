@@ -11,8 +11,13 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> None:
-    """Initialise Ray once; a local instance uses ``num_cpus`` (default: all) and no dashboard.
-    ``log_to_driver`` forwards the workers' output (the training progress lines) here."""
+    """Initialise Ray once; a local instance uses ``num_cpus`` (default: all).
+    ``log_to_driver`` forwards the workers' output (the training progress lines) here.
+
+    The local instance runs the dashboard: Ray Train's placement-group cleaner asks its State API
+    whether a Train controller died, and without it the placement group of a controller that was
+    killed (a Tune trial stopped early or interrupted) is never released and its CPUs stay held.
+    """
     import ray
 
     if ray.is_initialized():
@@ -24,7 +29,7 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> N
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver,
              configure_logging=True, logging_level=logging.WARNING)
 
 

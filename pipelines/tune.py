@@ -120,6 +120,15 @@ def _number(value, missing: float = float("nan")) -> float:
     return missing if value is None else float(value)
 
 
+def finished_trials(grid) -> int:
+    """How many trials ended (done, stopped early or failed), read from the state Tune saved when
+    the search ended: after an interruption the returned grid marks every trial TERMINATED."""
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    return sum(t.status in ("TERMINATED", "ERROR") for t in saved.trials)
+
+
 def trial_row(result, cfg: Config) -> dict:
     """One line of the search's table: the trial's point, its final metrics and how it ended."""
     metrics = result.metrics or {}
@@ -305,10 +314,11 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
           + (f"; ASHA stops trials early on {metric} ({mode}) after each epoch" if scheduler else ""),
           flush=True)
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < cfg.tune.num_samples:
+    finished = finished_trials(grid)
+    if finished < cfg.tune.num_samples:
         # Ctrl+C: Tune saved its state; the parent run stays open for the resumed search.
-        print(f"search interrupted after {grid.num_terminated + grid.num_errors} of {cfg.tune.num_samples} "
-              f"trials; run the same command again to resume it", flush=True)
+        print(f"search interrupted after {finished} of {cfg.tune.num_samples} trials; run the same "
+              "command again to resume it", flush=True)
         mlflow.set_tracking_uri(None)
         return {"parent_run_id": parent_id, "interrupted": True}
 

@@ -1,15 +1,25 @@
 """Ray Tune on the tiny model: 3 trials over rho and top_k, child runs, Pareto plot, registration."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from pipelines.tune import pareto_front, run_tune, utility_floor  # noqa: E402
+from pipelines.tune import best_trial, pareto_front, run_tune, utility_floor  # noqa: E402
 from unlearn.config import ConfigError, build_config  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SPACE = '{"dual.rho": {"uniform": [0.5, 3.0]}, "method.params.top_k": {"choice": [5, 20, 100]}}'
 
 
@@ -64,3 +74,144 @@ def test_tune_runs_child_trials_plots_the_pareto_front_and_registers_the_best(fi
     assert summary["gate"]["passed"] and summary["registered_version"] == "1"
     version = client.get_model_version_by_alias("tuned", "challenger")
     assert version.run_id == best["child_run_id"] and version.tags["gate"] == "passed"
+
+
+def test_asha_needs_one_metric_and_yaml_bounds_are_numbers():
+    with pytest.raises(ConfigError, match="asha stops trials on one metric"):
+        build_config({}, ["tune.scheduler=asha"])
+    assert build_config({}, ["tune.metric=forget_prob"]).tune.early_stopping
+    assert not build_config({}, ["tune.metric=forget_prob", "tune.scheduler=fifo"]).tune.early_stopping
+    assert not build_config({}, []).tune.early_stopping
+    # YAML reads 1e-6 (no dot) as a string; the bounds are still numbers, and nonsense is named
+    space = build_config({}, ['tune.search_space={"train.lr": {"loguniform": ["1e-6", "1e-3"]}}'])
+    assert space.tune.search_space["train.lr"]["loguniform"] == [1e-6, 1e-3]
+    with pytest.raises(ConfigError, match="train.lr: loguniform needs two numbers"):
+        build_config({}, ['tune.search_space={"train.lr": {"loguniform": ["low", "high"]}}'])
+
+
+def test_best_trial_follows_the_metric_and_its_direction():
+    rows = [{"trial": "a", "forget_prob": 0.5, "forget_quality": 0.2},
+            {"trial": "b", "forget_prob": 0.1, "forget_quality": 0.1},
+            {"trial": "c", "forget_prob": None, "forget_quality": 0.9}]
+    assert best_trial(rows, "forget_prob", "min")["trial"] == "b"
+    assert best_trial(rows, "forget_prob", "max")["trial"] == "a"
+    assert best_trial(rows, None)["trial"] == "c"
+    assert best_trial([], None) is None
+
+
+def _tune_config(tmp_path, source, overrides):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, [f"output_dir={tmp_path / 'out'}", f"data.source={source}", "eval.max_new_tokens=16",
+                 f"mlflow.tracking_uri={uri}", "tune.max_concurrent_trials=1", *overrides]
+
+
+def _children(client, parent_id):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+def test_asha_stops_trials_below_the_rung_cutoff_after_one_epoch(finetuned, tmp_path, monkeypatch):
+    """One metric (forget_prob, minimised) evaluated after each epoch; with trials run one at a
+    time, ASHA stops a trial whose epoch-1 value is worse than the median of the earlier trials'."""
+    _, report, source = finetuned
+    monkeypatch.chdir(tmp_path)
+    uri, overrides = _tune_config(tmp_path, source, [
+        "run_name=asha", "train.epochs=2", "tune.num_samples=3", "tune.metric=forget_prob", "tune.mode=min",
+        'tune.search_space={"train.lr": {"loguniform": [1.0e-6, 1.0e-3]}}', "registry.model_name=asha",
+        'gate.rules=["model_utility >= 0.9 * base.model_utility"]'])
+    summary = run_tune(build_config({}, overrides), report["target"], reference=report["retain"])
+    client = MlflowClient(uri)
+    children = _children(client, summary["parent_run_id"])
+    assert len(children) == 3
+    # the rule, replayed on the per-epoch values each trial logged
+    epoch1 = [c.data.metrics["epoch.forget_prob"] for c in children]
+    expected_stopped = [i > 0 and -epoch1[i] < np.percentile([-v for v in epoch1[:i]], 50) for i in range(3)]
+    stopped = [c.info.status == "KILLED" and c.data.tags.get("tune.stopped_early") == "true"
+               for c in children]
+    assert stopped == expected_stopped and any(stopped)  # the seeded lrs (4e-5, 1.4e-4, 6e-5) stop one
+    rows = {r["child_run_id"]: r for r in summary["trials"] if r["child_run_id"]}
+    for child, was_stopped in zip(children, stopped):
+        if not was_stopped:
+            assert child.info.status == "FINISHED"
+            row = rows[child.info.run_id]
+            assert row["epochs"] == 2
+            assert row["forget_prob"] == pytest.approx(child.data.metrics["after.forget_prob"])
+    assert [r["status"] for r in summary["trials"]].count("stopped early") == sum(stopped)
+    artifacts = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
+    assert {"epoch_curves.png", "pareto.png"} <= artifacts
+    done = [r for r in summary["trials"] if r["status"] == "done"]
+    assert summary["best"]["forget_prob"] == min(r["forget_prob"] for r in done
+                                                 if r["model_utility"] >= summary["utility_floor"])
+
+
+@pytest.mark.slow
+def test_a_crashed_trial_is_recorded_failed_and_the_search_goes_on(finetuned, tmp_path, monkeypatch):
+    _, report, source = finetuned
+    monkeypatch.chdir(tmp_path)
+    # every trial's worker dies at step 1 and may not restart
+    uri, overrides = _tune_config(tmp_path, source, [
+        "run_name=crash", "train.epochs=1", "tune.num_samples=2", "ray.fail_at_step=1", "ray.max_failures=0",
+        'tune.search_space={"dual.rho": {"uniform": [0.5, 3.0]}}'])
+    summary = run_tune(build_config({}, overrides), report["target"], reference=report["retain"])
+    assert [r["status"] for r in summary["trials"]] == ["failed", "failed"]  # the second trial still ran
+    assert all(r["error"] for r in summary["trials"])
+    assert summary["best"] is None and summary["registered_version"] is None
+    client = MlflowClient(uri)
+    assert [c.info.status for c in _children(client, summary["parent_run_id"])] == ["FAILED", "FAILED"]
+    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_resumes_its_parent_run_and_unfinished_trials(finetuned, tmp_path):
+    """Ctrl+C after the first trial: exit 130, the parent run stays open; the same command again
+    resumes the search (Tuner.restore) and the interrupted trial's own child run."""
+    _, report, source = finetuned
+    uri, overrides = _tune_config(tmp_path, source, [
+        "run_name=resume", "train.epochs=1", "tune.num_samples=2", "ray.checkpoint_every=2",
+        'tune.search_space={"dual.rho": {"uniform": [0.5, 3.0]}}',
+        'gate.rules=["model_utility >= 0.9 * base.model_utility"]'])
+    config = REPO / "configs" / "tofu_tiny.yaml"
+    command = [sys.executable, "-m", "unlearn.cli", "tune", str(config), *overrides,
+               "--model", report["target"], "--reference", report["retain"]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    client = MlflowClient(uri)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and first.poll() is None:
+            time.sleep(2)
+            try:
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          filter_string="attributes.status = 'FINISHED'")
+            except Exception:  # noqa: BLE001 - the database is not there yet
+                continue
+            if any("mlflow.parentRunId" in r.data.tags for r in runs):
+                break
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        os.kill(first.pid, signal.SIGINT)  # the driver only, as Ctrl+C in its terminal would
+        output, _ = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, output[-3000:]
+    assert "run the same command again to resume" in output
+    parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                 filter_string="tags.`unlearn.kind` = 'tune'")
+    assert len(parents) == 1 and parents[0].info.status != "FINISHED"
+    before = {c.info.run_id: c.info.status for c in _children(client, parents[0].info.run_id)}
+    assert list(before.values()).count("FINISHED") == 1
+
+    cfg = build_config(yaml.safe_load(config.read_text()), overrides)
+    os.chdir(tmp_path)
+    try:
+        summary = run_tune(cfg, report["target"], reference=report["retain"])
+    finally:
+        os.chdir(REPO)
+    assert summary["parent_run_id"] == parents[0].info.run_id
+    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+    assert [r["status"] for r in summary["trials"]] == ["done", "done"]
+    after = {c.info.run_id: c.info.status for c in _children(client, summary["parent_run_id"])}
+    assert set(before) <= set(after) and list(after.values()) == ["FINISHED", "FINISHED"]
