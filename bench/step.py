@@ -13,8 +13,16 @@ Memory, two figures (Linux /proc, in MiB):
   model was loaded + the parameters, their gradients and AdamW's two states (4 x parameter
   bytes; + the reference model's parameters for methods that keep one).
 
-Paths: ``plain`` = losses on the full logits ``[B,T,V]``; ``fused`` = chunked losses from hidden
-states (``unlearn.fused``); ``fused+ckpt`` = fused + activation checkpointing per decoder block.
+Paths (each adds one thing to the one before):
+- ``plain``: losses on the full logits ``[B,T,V]``, one backward of the whole loss (the reference);
+- ``fused``: chunked losses from hidden states (``unlearn.fused``), never the full logits;
+- ``fused+split``: and the backward of the forget term before the retain forward
+  (``train.backward_per_term``), so one batch's activations are alive at a time; the default;
+- ``fused+split+ckpt``: and activation checkpointing per decoder block.
+
+``--length N`` makes every QA pair N tokens long (answers of the synthetic set joined until the
+pair reaches N tokens, then cut to N) instead of the set's own TOFU-like lengths (~55 tokens with
+SmolLM2's chat template).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import subprocess
 import sys
 import time
 
-PATHS = ("plain", "fused", "fused+ckpt")
+PATHS = ("plain", "fused", "fused+split", "fused+split+ckpt")
 
 
 def _status_kib(field: str) -> int:
@@ -43,7 +51,20 @@ def _reset_peak() -> None:
         refs.write("5")
 
 
-def worker(model_name: str, method: str, path: str, steps: int, batch_size: int) -> dict:
+def long_records(records: list[dict], tokenizer, length: int) -> list[dict]:
+    """Each record with answers of the following records appended until it has ``length`` tokens."""
+    out = []
+    for i, record in enumerate(records):
+        answer, j = record["answer"], i + 1
+        while len(tokenizer(record["question"] + " " + answer)["input_ids"]) < length:
+            answer += " " + records[j % len(records)]["answer"]
+            j += 1
+        out.append({**record, "answer": answer})
+    return out
+
+
+def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
+           length: int | None = None) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -60,19 +81,24 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int)
     tokenizer = load_tokenizer(model_name)
     splits = generate_tofu(seed=0)
     pad = tokenizer.pad_token_id
-    forget = make_batches(encode_records(tokenizer, splits["forget10"], max_length=256),
+    forget_records, retain_records = splits["forget10"], splits["retain90"][:8 * batch_size]
+    if length:
+        forget_records = long_records(forget_records, tokenizer, length)
+        retain_records = long_records(retain_records, tokenizer, length)
+    max_length = length or 256
+    forget = make_batches(encode_records(tokenizer, forget_records, max_length=max_length),
                           batch_size, pad, bucket=True)
-    retain = make_batches(encode_records(tokenizer, splits["retain90"], max_length=256),
+    retain = make_batches(encode_records(tokenizer, retain_records, max_length=max_length),
                           batch_size, pad, shuffle=True, bucket=True)
     before_model_kib = _status_kib("VmRSS")
-    model = load_model(model_name, gradient_checkpointing=path == "fused+ckpt")
+    model = load_model(model_name, gradient_checkpointing=path.endswith("+ckpt"))
     objective = get_objective(method)
     ref = frozen_copy(model) if objective.needs_ref else None
     dual = DualController(lam_0=1.0, eta_dual=1.0, eps=1.0) if objective.uses_dual else None
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_kib = before_model_kib + (4 * param_bytes + (param_bytes if ref is not None else 0)) / 1024
     unlearner = Unlearner(model, objective, build_optimizer(model, 1e-5, 0.0), ref_model=ref,
-                          dual=dual, fused=path != "plain")
+                          dual=dual, fused=path != "plain", backward_per_term="split" in path)
     pairs = [(forget[i % len(forget)], retain[i % len(retain)]) for i in range(steps + 1)]
     unlearner.step([pairs[0]])  # warm-up: allocates gradients and optimizer states
     _reset_peak()
@@ -89,18 +115,21 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int)
         "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times)),
         "peak_mib": peak_kib / 1024, "above_floor_mib": (peak_kib - floor_kib) / 1024,
         "floor_mib": floor_kib / 1024, "vocab": model.config.vocab_size,
+        "tokens_per_batch": statistics.median(int(b["attention_mask"].sum()) for b in forget),
     }
 
 
-def run_all(models, methods, paths, steps, batch_size) -> list[dict]:
+def run_all(models, methods, paths, steps, batch_size, length=None) -> list[dict]:
     rows = []
     for model in models:
         for method in methods:
             for path in paths:
-                if path == "fused+ckpt" and method != "pdu":
+                if path.endswith("+ckpt") and method != "pdu":
                     continue
                 cmd = [sys.executable, __file__, "--worker", model, method, path,
                        "--steps", str(steps), "--batch-size", str(batch_size)]
+                if length:
+                    cmd += ["--length", str(length)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
                                      "TOKENIZERS_PARALLELISM": "false"})
                 if out.returncode != 0:
@@ -122,13 +151,14 @@ def print_table(rows: list[dict]) -> None:
         base = plain[(r["model"], r["method"])]
         gd = graddiff.get((r["model"], r["path"]))
         table.append([
-            r["model"], r["method"], r["path"], r["step_s"], r["tokens_per_s"], r["peak_mib"],
+            r["model"], r["method"], r["path"], r.get("tokens_per_batch"), r["step_s"], r["tokens_per_s"],
+            r["peak_mib"],
             r["above_floor_mib"], base["step_s"] / r["step_s"], r["peak_mib"] / base["peak_mib"],
             r["above_floor_mib"] / base["above_floor_mib"],
             r["step_s"] / gd["step_s"] if gd and r["method"] == "pdu" else None,
         ])
     print(format_table(
-        ["model", "method", "path", "s/step", "tok/s", "peak MiB", "above floor MiB",
+        ["model", "method", "path", "tokens/batch", "s/step", "tok/s", "peak MiB", "above floor MiB",
          "speed vs plain", "peak vs plain", "above-floor vs plain", "pdu/graddiff time"],
         table))
 
@@ -140,13 +170,16 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--length", type=int, default=None,
+                        help="tokens per QA pair (default: the synthetic TOFU lengths)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "PATH"))
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, steps=args.steps, batch_size=args.batch_size)))
+        print(json.dumps(worker(*args.worker, steps=args.steps, batch_size=args.batch_size,
+                                length=args.length)))
         return
-    rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size)
+    rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size, args.length)
     print()
     print_table(rows)
     if args.json:

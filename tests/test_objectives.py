@@ -1,6 +1,8 @@
 """Objectives on a tiny random Llama: the composition of each loss, and steps that move the
 model the right way."""
 
+import weakref
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -220,3 +222,66 @@ def test_fused_path_gives_the_plain_loss_and_gradients(name):
         results.append((float(out.loss.detach()), grads))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5, abs=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_per_term_gives_the_whole_loss_gradients(name, fused):
+    forget, retain = make_batch(1), make_batch(2)
+    results = []
+    for per_term in (False, True):
+        model = tiny_model()
+        objective = prepared(name, model, forget, retain)
+        ref = frozen_copy(model) if objective.needs_ref else None
+        dual = DualController(lam_0=3.0, eps=1.0) if objective.uses_dual else None
+        inputs = StepInputs(model, forget, retain, ref, dual, fused=fused, chunk_size=7)
+        weights = objective.term_weights(inputs) if per_term else None
+        if weights is None:
+            out = objective.compute(inputs)
+            (out.loss * 0.5).backward()
+        else:
+            out = objective.backward_by_term(inputs, weights, scale=0.5)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((float(out.loss.detach()), float(out.forget_loss), grads, weights))
+    assert results[1][:2] == pytest.approx(results[0][:2], rel=1e-6)
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-7)
+    # the methods whose loss is a weighted sum of a forget and a retain term take the split path
+    split = {"pdu", "unilogit", "grad_ascent", "grad_diff", "npo", "simnpo", "me_gd", "undial"}
+    assert (results[1][3] is not None) == (name in split)
+    if name == "pdu":
+        assert results[1][3] == (1.0, 3.0)  # gamma and lam
+
+
+def test_per_term_backward_frees_the_forget_activations_before_the_retain_pass():
+    """Bytes autograd holds for backward, at their peak: the split path never holds the forget and
+    the retain passes' at once, the whole-loss path does."""
+    forget, retain = make_batch(1, batch=4, length=24), make_batch(2, batch=4, length=24)
+
+    class Held:
+        __slots__ = ("tensor", "__weakref__")
+
+    peaks = {}
+    for per_term in (False, True):
+        model = tiny_model()
+        objective = get_objective("grad_diff")
+        inputs = StepInputs(model, forget, retain)
+        live = {"bytes": 0, "peak": 0}
+
+        def release(size, live=live):
+            live["bytes"] -= size
+
+        def pack(tensor, live=live, release=release):
+            held, size = Held(), tensor.numel() * tensor.element_size()
+            held.tensor = tensor
+            live["bytes"] += size
+            live["peak"] = max(live["peak"], live["bytes"])
+            weakref.finalize(held, release, size)
+            return held
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
+            if per_term:
+                objective.backward_by_term(inputs, objective.term_weights(inputs))
+            else:
+                objective.compute(inputs).loss.backward()
+        peaks[per_term] = live["peak"]
+    assert peaks[True] < 0.6 * peaks[False]

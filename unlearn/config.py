@@ -108,6 +108,8 @@ class TrainConfig(_Strict):
     bucket_by_length: bool = Field(True, description="length-bucketed batches (less padding)")
     fused_losses: bool = Field(True, description="chunked losses from hidden states (no full logits)")
     loss_chunk_size: int = Field(1024, ge=1, description="supervised positions per logits chunk")
+    backward_per_term: bool = Field(True, description="backward through the forget term before the "
+                                    "retain forward (one batch's activations at a time; same gradients)")
     seed: int = 0
 
 

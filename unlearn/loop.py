@@ -50,6 +50,9 @@ class Unlearner:
     max_grad_norm: float | None = 1.0
     fused: bool = True  # fused chunked losses; False = plain losses on full logits (reference)
     chunk_size: int = 1024
+    # backward through the forget term before the retain forward (objectives whose loss is a
+    # weighted sum of the two): one batch's activations alive at a time instead of two
+    backward_per_term: bool = True
     extra: dict = field(default_factory=dict)
     global_step: int = 0
 
@@ -73,8 +76,12 @@ class Unlearner:
         for forget, retain in micro_batches:
             inputs = StepInputs(self.model, forget, retain, self.ref_model, self.dual, self.extra,
                                 fused=self.fused, chunk_size=self.chunk_size)
-            out = self.objective.compute(inputs)
-            (out.loss * scale).backward()
+            weights = self.objective.term_weights(inputs) if self.backward_per_term else None
+            if weights is None:
+                out = self.objective.compute(inputs)
+                (out.loss * scale).backward()
+            else:
+                out = self.objective.backward_by_term(inputs, weights, scale)
             _accumulate(totals, "loss", float(out.loss.detach()) * scale)
             _accumulate(totals, "forget_loss", float(out.forget_loss.detach()) * scale)
             for key, value in out.metrics.items():

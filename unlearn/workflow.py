@@ -263,7 +263,7 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool
                           scheduler=build_scheduler(optimizer, total_steps, schedule=t.schedule,
                                                     warmup_ratio=t.warmup_ratio),
                           max_grad_norm=t.max_grad_norm, fused=t.fused_losses,
-                          chunk_size=t.loss_chunk_size)
+                          chunk_size=t.loss_chunk_size, backward_per_term=t.backward_per_term)
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
     for epoch in range(t.epochs):

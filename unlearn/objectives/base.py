@@ -169,5 +169,29 @@ class Objective:
         retain_loss = self.retain_term(inputs) if self.wants_retain() else None
         return self.combine(forget_loss, retain_loss, inputs)
 
+    def term_weights(self, inputs: StepInputs) -> tuple[float, float] | None:
+        """``(w_f, w_r)`` when ``compute(inputs).loss = w_f * L_f + w_r * L_r + constant`` with
+        weights known before any forward pass; None when the loss is not such a sum (then the
+        step backpropagates it whole)."""
+        if type(self).compute is not Objective.compute or type(self).combine is not Objective.combine:
+            return None
+        return float(self.params["gamma"]), float(self.params["alpha"])
+
+    def backward_by_term(self, inputs: StepInputs, weights: tuple[float, float],
+                         scale: float = 1.0) -> ObjectiveOutput:
+        """``compute(inputs)`` and the backward pass of ``scale * loss``, one term at a time: the
+        forget pass's activations are freed before the retain pass runs, so the step holds one
+        batch's activations, not two. The gradients are those of the whole loss (a sum's gradient
+        is the sum of its terms' gradients); the returned values are detached."""
+        w_f, w_r = weights
+        forget_loss, _ = self.forget_term(inputs)
+        (forget_loss * (scale * w_f)).backward()
+        retain_loss = None
+        if self.wants_retain():
+            retain_loss = self.retain_term(inputs)
+            (retain_loss * (scale * w_r)).backward()
+            retain_loss = retain_loss.detach()
+        return self.combine(forget_loss.detach(), retain_loss, inputs)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params})"

@@ -43,10 +43,19 @@ class PDU(Objective):
             top_k = min(int(top_k), vocab_size(out))
         return ops.margin(out, batch["labels"], top_k, ref, reduction)
 
-    def combine(self, forget_loss, retain_loss, inputs: StepInputs, extra_terms=None):
-        dual = inputs.dual
-        if dual is None or not dual.ready:
+    def term_weights(self, inputs: StepInputs) -> tuple[float, float] | None:
+        if type(self).compute is not PDU.compute or type(self).combine is not PDU.combine:
+            return None
+        return float(self.params["gamma"]), float(self._ready_dual(inputs).lam)
+
+    @staticmethod
+    def _ready_dual(inputs: StepInputs):
+        if inputs.dual is None or not inputs.dual.ready:
             raise ValueError("method 'pdu' needs a calibrated DualController (inputs.dual)")
+        return inputs.dual
+
+    def combine(self, forget_loss, retain_loss, inputs: StepInputs, extra_terms=None):
+        dual = self._ready_dual(inputs)
         slack = retain_loss - dual.eps
         loss = float(self.params["gamma"]) * forget_loss + dual.lam * slack
         if extra_terms is not None:
