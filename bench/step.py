@@ -20,6 +20,10 @@ Paths (each adds one thing to the one before):
   (``train.backward_per_term``), so one batch's activations are alive at a time; the default;
 - ``fused+split+ckpt``: and activation checkpointing per decoder block.
 
+On CPU the peak resident memory also counts freed memory that glibc's heap keeps (activations
+below its mmap threshold, which grows to 32 MiB); ``MALLOC_MMAP_THRESHOLD_=1048576`` in the
+environment (inherited by every worker process) returns it to the OS, at some step time.
+
 ``--length N`` makes every QA pair N tokens long (answers of the synthetic set joined until the
 pair reaches N tokens, then cut to N) instead of the set's own TOFU-like lengths (~55 tokens with
 SmolLM2's chat template).
@@ -51,15 +55,17 @@ def _reset_peak() -> None:
         refs.write("5")
 
 
-def long_records(records: list[dict], tokenizer, length: int) -> list[dict]:
+def long_records(records: list, tokenizer, length: int) -> list:
     """Each record with answers of the following records appended until it has ``length`` tokens."""
+    import dataclasses
+
     out = []
     for i, record in enumerate(records):
-        answer, j = record["answer"], i + 1
-        while len(tokenizer(record["question"] + " " + answer)["input_ids"]) < length:
-            answer += " " + records[j % len(records)]["answer"]
+        answer, j = record.answer, i + 1
+        while len(tokenizer(record.question + " " + answer)["input_ids"]) < length:
+            answer += " " + records[j % len(records)].answer
             j += 1
-        out.append({**record, "answer": answer})
+        out.append(dataclasses.replace(record, answer=answer, sensitive_spans=None))
     return out
 
 
