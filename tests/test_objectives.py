@@ -206,19 +206,24 @@ def test_optimizer_groups_skip_decay_on_norms():
     assert id(norm) not in decayed and id(model.model.embed_tokens.weight) in decayed
 
 
+def fresh_step_inputs(name, forget, retain, *, fused):
+    """The objective and its step inputs on a fresh tiny model (same seed every call)."""
+    model = tiny_model()
+    objective = prepared(name, model, forget, retain)
+    ref = frozen_copy(model) if objective.needs_ref else None
+    dual = DualController(lam_0=3.0, eps=1.0) if objective.uses_dual else None
+    return objective, StepInputs(model, forget, retain, ref, dual, fused=fused, chunk_size=7)
+
+
 @pytest.mark.parametrize("name", sorted(available()))
 def test_fused_path_gives_the_plain_loss_and_gradients(name):
     forget, retain = make_batch(1), make_batch(2)
     results = []
     for fused in (False, True):
-        model = tiny_model()
-        objective = prepared(name, model, forget, retain)
-        ref = frozen_copy(model) if objective.needs_ref else None
-        dual = DualController(lam_0=3.0, eps=1.0) if objective.uses_dual else None
-        out = objective.compute(StepInputs(model, forget, retain, ref, dual, fused=fused,
-                                           chunk_size=7))
+        objective, inputs = fresh_step_inputs(name, forget, retain, fused=fused)
+        out = objective.compute(inputs)
         out.loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        grads = torch.cat([p.grad.flatten() for p in inputs.model.parameters() if p.grad is not None])
         results.append((float(out.loss.detach()), grads))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-5, abs=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
@@ -230,18 +235,14 @@ def test_backward_per_term_gives_the_whole_loss_gradients(name, fused):
     forget, retain = make_batch(1), make_batch(2)
     results = []
     for per_term in (False, True):
-        model = tiny_model()
-        objective = prepared(name, model, forget, retain)
-        ref = frozen_copy(model) if objective.needs_ref else None
-        dual = DualController(lam_0=3.0, eps=1.0) if objective.uses_dual else None
-        inputs = StepInputs(model, forget, retain, ref, dual, fused=fused, chunk_size=7)
+        objective, inputs = fresh_step_inputs(name, forget, retain, fused=fused)
         weights = objective.term_weights(inputs) if per_term else None
         if weights is None:
             out = objective.compute(inputs)
             (out.loss * 0.5).backward()
         else:
             out = objective.backward_by_term(inputs, weights, scale=0.5)
-        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        grads = torch.cat([p.grad.flatten() for p in inputs.model.parameters() if p.grad is not None])
         results.append((float(out.loss.detach()), float(out.forget_loss), grads, weights))
     assert results[1][:2] == pytest.approx(results[0][:2], rel=1e-6)
     torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-5, atol=1e-7)
