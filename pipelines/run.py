@@ -290,14 +290,12 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         log_evaluation(client, run_id, "before", results["before"], eval_dir)
 
     # 3. unlearn on Ray Train
-    tokenizer_spec = spec
-    prefix = objective.prefix_tokens()
-    datasets = {"forget": tokenized_dataset(data.forget, tokenizer_spec, max_length=cfg.data.max_length,
-                                            prefix_tokens=prefix)}
-    if objective.wants_retain() or objective.uses_dual:
-        datasets["retain"] = tokenized_dataset(data.retain, tokenizer_spec, max_length=cfg.data.max_length)
+    datasets = {"forget": tokenized_dataset(data.forget, spec, max_length=cfg.data.max_length,
+                                            prefix_tokens=objective.prefix_tokens())}
+    if objective.wants_retain():  # the dual's methods want it too (calibration, constraint)
+        datasets["retain"] = tokenized_dataset(data.retain, spec, max_length=cfg.data.max_length)
     if data.proxy is not None and objective.name == "egup":
-        datasets["proxy"] = tokenized_dataset(data.proxy, tokenizer_spec, max_length=cfg.data.max_length)
+        datasets["proxy"] = tokenized_dataset(data.proxy, spec, max_length=cfg.data.max_length)
     r = cfg.ray
     loop_config = {"config": cfg.model_dump(mode="json"), "model": spec, "run_id": run_id,
                    "tracking_uri": uri, "datasets": sorted(datasets), "storage_path": str(storage),

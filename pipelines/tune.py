@@ -208,13 +208,13 @@ def _close_stopped_trials(client, parent_id: str) -> None:
 def _mark_failed(cfg: Config) -> None:
     from mlflow import MlflowClient
 
-    from pipelines.run import RUN_NAME_TAG, tracking_uri
+    from pipelines.run import tracking_uri, unfinished_run
 
     client = MlflowClient(tracking_uri(cfg))
-    for run in client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}' and "
-                                                "attributes.status = 'RUNNING'"):
-        client.set_terminated(run.info.run_id, "FAILED")
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    run_id = experiment and unfinished_run(client, experiment.experiment_id, cfg.run_name)
+    if run_id:
+        client.set_terminated(run_id, "FAILED")
 
 
 def parent_run(client, experiment_id: str, name: str) -> str:
