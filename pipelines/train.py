@@ -345,7 +345,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             value = evaluate_epoch(model, tokenizer, spec, epoch_eval, device)
             logger.log(step, {f"epoch.{epoch_eval['metric']}": value}, force=True)
             ray.train.report({epoch_eval["metric"]: value, "epochs_done": float(epoch + 1),
-                              "step": float(step)}, checkpoint=None)
+                              "step": float(step), "child_run_id": loop_config.get("run_id")},
+                             checkpoint=None)
 
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_full_model(model, tokenizer, spec, Path(tmp) / "model")

@@ -195,26 +195,26 @@ def plot_epoch_curves(grid, metric: str, epochs: int, out_file: Path) -> Path | 
     return out_file
 
 
-def _close_stopped_trials(client, parent_id: str) -> None:
-    """Child runs still RUNNING after the search were stopped early by ASHA: KILLED, tagged."""
-    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                                            "attributes.status = 'RUNNING'")
-    for run in runs:
-        client.set_tag(run.info.run_id, "tune.stopped_early", "true")
-        client.set_terminated(run.info.run_id, "KILLED")
+def _close_stopped_trials(client, rows: list[dict]) -> None:
+    """The child runs of trials ASHA stopped: KILLED and tagged, whatever the stopped trial's
+    process managed to write first (it may have marked its run FAILED as Tune tore it down)."""
+    for row in rows:
+        if row["status"] == "stopped early" and row["child_run_id"]:
+            client.set_tag(row["child_run_id"], "tune.stopped_early", "true")
+            client.set_terminated(row["child_run_id"], "KILLED")
 
 
 def _mark_failed(cfg: Config) -> None:
     from mlflow import MlflowClient
 
-    from pipelines.run import tracking_uri, unfinished_run
+    from pipelines.run import RUN_NAME_TAG, tracking_uri
 
+    # Only a RUNNING run: one the search already closed (a trial ASHA stopped) stays as it is.
     client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    run_id = experiment and unfinished_run(client, experiment.experiment_id, cfg.run_name)
-    if run_id:
-        client.set_terminated(run_id, "FAILED")
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}' and "
+                                                "attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "FAILED")
 
 
 def parent_run(client, experiment_id: str, name: str) -> str:
@@ -323,7 +323,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         return {"parent_run_id": parent_id, "interrupted": True}
 
     rows = [trial_row(result, cfg) for result in grid]
-    _close_stopped_trials(client, parent_id)
+    _close_stopped_trials(client, rows)
     (out / "tune_trials.json").write_text(json.dumps(rows, indent=2))
     client.log_artifact(parent_id, str(out / "tune_trials.json"))
     plot = plot_pareto(rows, out / "pareto.png")
