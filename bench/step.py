@@ -24,6 +24,16 @@ On CPU the peak resident memory also counts freed memory that glibc's heap keeps
 below its mmap threshold, which grows to 32 MiB); ``MALLOC_MMAP_THRESHOLD_=1048576`` in the
 environment (inherited by every worker process) returns it to the OS, at some step time.
 
+On a GPU (``--device cuda``) the peak is ``torch.cuda.max_memory_allocated`` during the timed steps
+and the floor is the parameters, gradients and AdamW states alone (the allocator's own figures,
+so no CUDA context and no cache). ``--random-init`` builds the model from its config with random
+weights (a step's time and memory do not depend on the weights), for a machine that has the
+model's config and tokenizer but not its weights: ``--models`` then takes that folder.
+
+``--fsdp`` wraps the model (and the reference) in FSDP2 as the Ray worker does
+(``pipelines.fsdp.shard_model``, one rank: gloo on CPU, NCCL on GPU, where its parameters are
+gathered in bf16 for compute, fp32 for the optimizer).
+
 ``--length N`` makes every QA pair N tokens long (answers of the synthetic set joined until the
 pair reaches N tokens, then cut to N) instead of the set's own TOFU-like lengths (~55 tokens with
 SmolLM2's chat template).
@@ -69,8 +79,38 @@ def long_records(records: list, tokenizer, length: int) -> list:
     return out
 
 
+def bench_model(model_name: str, checkpointing: bool, random_init: bool, device: str):
+    """The model to train: its weights, or its architecture with random weights."""
+    from unlearn.models import load_model, resolve_model_path
+
+    if not random_init:
+        return load_model(model_name, gradient_checkpointing=checkpointing, device=device)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
+    model.to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def shard_one_rank(models: list, cuda: bool) -> None:
+    """FSDP2 over a one-rank process group, as ``pipelines.train`` shards the worker's models."""
+    import torch.distributed as dist
+
+    from pipelines.fsdp import shard_model
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    for model in models:
+        shard_model(model, mixed_precision=cuda, device_type="cuda" if cuda else "cpu")
+
+
 def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
-           length: int | None = None) -> dict:
+           length: int | None = None, device: str = "cpu", random_init: bool = False,
+           fsdp: bool = False) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -79,7 +119,7 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
     from unlearn.data import generate_tofu
     from unlearn.dual import DualController
     from unlearn.loop import Unlearner, build_optimizer
-    from unlearn.models import frozen_copy, load_model, load_tokenizer
+    from unlearn.models import frozen_copy, load_tokenizer
     from unlearn.objectives import get_objective
     from unlearn.workflow import encode_records, make_batches
 
@@ -96,28 +136,42 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
                           batch_size, pad, bucket=True)
     retain = make_batches(encode_records(tokenizer, retain_records, max_length=max_length),
                           batch_size, pad, shuffle=True, bucket=True)
-    before_model_kib = _status_kib("VmRSS")
-    model = load_model(model_name, gradient_checkpointing=path.endswith("+ckpt"))
+    cuda = device.startswith("cuda")
+    before_model_kib = 0 if cuda else _status_kib("VmRSS")
+    model = bench_model(model_name, path.endswith("+ckpt"), random_init, device)
     objective = get_objective(method)
     ref = frozen_copy(model) if objective.needs_ref else None
     dual = DualController(lam_0=1.0, eta_dual=1.0, eps=1.0) if objective.uses_dual else None
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     floor_kib = before_model_kib + (4 * param_bytes + (param_bytes if ref is not None else 0)) / 1024
+    if fsdp:
+        shard_one_rank([model] + ([ref] if ref is not None else []), cuda)
     unlearner = Unlearner(model, objective, build_optimizer(model, 1e-5, 0.0), ref_model=ref,
                           dual=dual, fused=path != "plain", backward_per_term="split" in path)
-    pairs = [(forget[i % len(forget)], retain[i % len(retain)]) for i in range(steps + 1)]
+    def on_device(batch):
+        return {key: value.to(device) for key, value in batch.items()}
+
+    pairs = [(on_device(forget[i % len(forget)]), on_device(retain[i % len(retain)]))
+             for i in range(steps + 1)]
     unlearner.step([pairs[0]])  # warm-up: allocates gradients and optimizer states
-    _reset_peak()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak()
     times, tokens = [], []
     for pair in pairs[1:]:
         start = time.perf_counter()
         metrics = unlearner.step([pair])
+        if cuda:
+            torch.cuda.synchronize()  # the optimizer's kernels may still be queued
         times.append(time.perf_counter() - start)
         tokens.append(metrics["tokens"])
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = torch.cuda.max_memory_allocated() / 1024 if cuda else _status_kib("VmHWM")
     step_s = statistics.median(times)
     return {
-        "model": model_name, "method": method, "path": path, "step_s": step_s,
+        "model": os.path.basename(model_name.rstrip("/")), "device": device + (" fsdp2" if fsdp else ""),
+        "method": method, "path": path, "step_s": step_s,
         "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times)),
         "peak_mib": peak_kib / 1024, "above_floor_mib": (peak_kib - floor_kib) / 1024,
         "floor_mib": floor_kib / 1024, "vocab": model.config.vocab_size,
@@ -125,7 +179,8 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
     }
 
 
-def run_all(models, methods, paths, steps, batch_size, length=None) -> list[dict]:
+def run_all(models, methods, paths, steps, batch_size, length=None, device="cpu",
+            random_init=False, fsdp=False) -> list[dict]:
     rows = []
     for model in models:
         for method in methods:
@@ -136,6 +191,8 @@ def run_all(models, methods, paths, steps, batch_size, length=None) -> list[dict
                        "--steps", str(steps), "--batch-size", str(batch_size)]
                 if length:
                     cmd += ["--length", str(length)]
+                cmd += ["--device", device] + (["--random-init"] if random_init else [])
+                cmd += ["--fsdp"] if fsdp else []
                 out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
                                      "TOKENIZERS_PARALLELISM": "false"})
                 if out.returncode != 0:
@@ -157,15 +214,15 @@ def print_table(rows: list[dict]) -> None:
         base = plain[(r["model"], r["method"])]
         gd = graddiff.get((r["model"], r["path"]))
         table.append([
-            r["model"], r["method"], r["path"], r.get("tokens_per_batch"), r["step_s"], r["tokens_per_s"],
-            r["peak_mib"],
+            r["model"], r.get("device", "cpu"), r["method"], r["path"], r.get("tokens_per_batch"),
+            r["step_s"], r["tokens_per_s"], r["peak_mib"],
             r["above_floor_mib"], base["step_s"] / r["step_s"], r["peak_mib"] / base["peak_mib"],
             r["above_floor_mib"] / base["above_floor_mib"],
             r["step_s"] / gd["step_s"] if gd and r["method"] == "pdu" else None,
         ])
     print(format_table(
-        ["model", "method", "path", "tokens/batch", "s/step", "tok/s", "peak MiB", "above floor MiB",
-         "speed vs plain", "peak vs plain", "above-floor vs plain", "pdu/graddiff time"],
+        ["model", "device", "method", "path", "tokens/batch", "s/step", "tok/s", "peak MiB",
+         "above floor MiB", "speed vs plain", "peak vs plain", "above-floor vs plain", "pdu/graddiff time"],
         table))
 
 
@@ -178,14 +235,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=None,
                         help="tokens per QA pair (default: the synthetic TOFU lengths)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--random-init", action="store_true",
+                        help="random weights from the model's config (same time and memory per step)")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 on one rank, as the Ray worker")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "PATH"))
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, steps=args.steps, batch_size=args.batch_size,
-                                length=args.length)))
+                                length=args.length, device=args.device, random_init=args.random_init,
+                                fsdp=args.fsdp)))
         return
-    rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size, args.length)
+    rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size, args.length,
+                   args.device, args.random_init, args.fsdp)
     print()
     print_table(rows)
     if args.json:
