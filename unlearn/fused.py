@@ -53,8 +53,9 @@ class _ChunkedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values):
         hidden, weight, ref_hidden, ref_weight, targets = ctx.saved_tensors
-        grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # The first chunk's weight gradient is the accumulator: a zero-filled [V, H] buffer would
+        # cost a full write of the head (and, on CPU, its page faults) per call.
+        grad_rows, grad_weight = [], None
         head = weight.detach().requires_grad_(True)
         for s, e in _chunks(hidden.shape[0], ctx.chunk_size):
             rows = hidden[s:e].detach().requires_grad_(True)
@@ -62,9 +63,11 @@ class _ChunkedHead(torch.autograd.Function):
                 values = ctx.kernel(_logits(rows, head), targets[s:e],
                                     _ref(ref_hidden, ref_weight, s, e))
                 d_rows, d_head = torch.autograd.grad(values, (rows, head), grad_values[s:e])
-            grad_hidden[s:e] = d_rows
-            grad_weight += d_head.float()
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+            grad_rows.append(d_rows)
+            grad_weight = d_head.float() if grad_weight is None else grad_weight.add_(d_head)
+        if grad_weight is None:
+            return torch.zeros_like(hidden), torch.zeros_like(weight), None, None, None, None, None
+        return torch.cat(grad_rows), grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 class _MarginHead(torch.autograd.Function):
@@ -97,9 +100,10 @@ class _MarginHead(torch.autograd.Function):
         coef = (2.0 * grad_values * margin).unsqueeze(-1)
         grad_hidden = coef * (weight[argmax].float() - w_bar)
         weighted = coef * hidden.float()
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Every row gets minus the mean spread, written in one pass, then the argmax rows their part.
+        spread = (weighted.sum(dim=0) / -weight.shape[0]).expand(weight.shape)
+        grad_weight = spread.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
         grad_weight.index_add_(0, argmax, weighted)
-        grad_weight -= weighted.sum(dim=0) / weight.shape[0]
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None
 
 
