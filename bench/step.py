@@ -3,7 +3,8 @@
     .venv/bin/python bench/step.py                       # tiny model and SmolLM2-135M
     .venv/bin/python bench/step.py --models tiny --steps 3
 
-Each (model, method, path) runs in its own process, so peak memory is its own. Batch: 8 forget
+Each (model, method, path) runs in its own process, so peak memory is its own; with
+``--repeats R`` each runs R times, the paths alternating, and every figure is the median. Batch: 8 forget
 + 8 retain QA pairs of the synthetic TOFU set (TOFU-like lengths, length-bucketed), AdamW.
 
 Memory, two figures (Linux /proc, in MiB):
@@ -180,28 +181,44 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
 
 
 def run_all(models, methods, paths, steps, batch_size, length=None, device="cpu",
-            random_init=False, fsdp=False) -> list[dict]:
+            random_init=False, fsdp=False, repeats=1) -> list[dict]:
+    """One worker process per (model, method, path, repeat); the paths of a method alternate, so a
+    drift of the machine's speed touches every path alike. Each figure: the median over repeats."""
     rows = []
     for model in models:
         for method in methods:
-            for path in paths:
-                if path.endswith("+ckpt") and method != "pdu":
-                    continue
-                cmd = [sys.executable, __file__, "--worker", model, method, path,
-                       "--steps", str(steps), "--batch-size", str(batch_size)]
-                if length:
-                    cmd += ["--length", str(length)]
-                cmd += ["--device", device] + (["--random-init"] if random_init else [])
-                cmd += ["--fsdp"] if fsdp else []
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
-                                     "TOKENIZERS_PARALLELISM": "false"})
-                if out.returncode != 0:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"worker failed: {' '.join(cmd)}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(f"  {model:14s} {method:10s} {path:11s} {row['step_s']:.3f} s/step", flush=True)
+            runs: dict[str, list[dict]] = {}
+            for _ in range(repeats):
+                for path in paths:
+                    if path.endswith("+ckpt") and method != "pdu":
+                        continue
+                    row = run_worker(model, method, path, steps, batch_size, length, device,
+                                     random_init, fsdp)
+                    runs.setdefault(path, []).append(row)
+                    print(f"  {model:14s} {method:10s} {path:16s} {row['step_s']:.3f} s/step", flush=True)
+            rows += [median_row(path_runs) for path_runs in runs.values()]
     return rows
+
+
+def run_worker(model, method, path, steps, batch_size, length, device, random_init, fsdp) -> dict:
+    cmd = [sys.executable, __file__, "--worker", model, method, path,
+           "--steps", str(steps), "--batch-size", str(batch_size), "--device", device]
+    cmd += ["--length", str(length)] if length else []
+    cmd += ["--random-init"] if random_init else []
+    cmd += ["--fsdp"] if fsdp else []
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        print(out.stderr[-2000:], file=sys.stderr)
+        raise SystemExit(f"worker failed: {' '.join(cmd)}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_row(runs: list[dict]) -> dict:
+    row = dict(runs[0], runs=len(runs), step_s_runs=[r["step_s"] for r in runs])
+    for key in ("step_s", "tokens_per_s", "peak_mib", "above_floor_mib"):
+        row[key] = statistics.median(r[key] for r in runs)
+    return row
 
 
 def print_table(rows: list[dict]) -> None:
@@ -231,7 +248,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m"])
     parser.add_argument("--methods", nargs="+", default=["pdu", "npo", "grad_diff"])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run (their median)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each path, alternating (the median of their medians)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=None,
                         help="tokens per QA pair (default: the synthetic TOFU lengths)")
@@ -248,7 +267,7 @@ def main() -> None:
                                 fsdp=args.fsdp)))
         return
     rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size, args.length,
-                   args.device, args.random_init, args.fsdp)
+                   args.device, args.random_init, args.fsdp, args.repeats)
     print()
     print_table(rows)
     if args.json:
