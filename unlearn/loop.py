@@ -185,9 +185,9 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     """AdamW over the trainable parameters, no decay on biases and norms.
 
     The fused implementation (one kernel over all parameters, no temporaries the size of the
-    model) where every parameter is on a device it supports: on CPU it is ~5x faster than the
-    per-parameter loop (0.06 vs 0.33 s for SmolLM2-135M), on GPU it avoids the foreach
-    version's model-sized temporaries.
+    model) where every parameter is on a device it supports: on CPU it takes half the time of
+    the per-parameter loop (0.06 vs 0.13 s a step for SmolLM2-135M); on GPU it avoids the
+    foreach version's model-sized temporaries.
     """
     decay, no_decay = [], []
     for param in model.parameters():
