@@ -57,3 +57,19 @@ def test_demo_command_prints_the_table_and_writes_the_summary(tmp_path, capsys, 
     if not local:
         assert summary["mlflow_run_id"] and (tmp_path / "mlflow.db").is_file()
         assert "mlflow ui --backend-store-uri" in printed
+
+
+def test_dual_dynamics_plot_finds_metrics_missing_from_the_first_row(tmp_path):
+    from unlearn.report import dynamics_series, plot_dual_dynamics
+
+    # As the Ray pipeline logs them: eps once at step 0, the step metrics from step 1.
+    history = [{"step": 0.0, "eps": 0.05}] + [
+        {"step": float(s), "forget_loss": 10.0 - s, "retain_loss": 0.04 + s / 100, "lam": s / 10}
+        for s in (1, 2, 3)]
+    panels = dynamics_series(history)
+    assert list(panels) == ["forget loss", "retain loss vs eps", "dual variable lam"]
+    assert panels["retain loss vs eps"]["retain_loss"] == ([1.0, 2.0, 3.0], [0.05, 0.06, 0.07])
+    assert panels["retain loss vs eps"]["eps"] == ([0.0], [0.05])
+    assert panels["dual variable lam"]["lam"][1] == [0.1, 0.2, 0.3]
+    assert dynamics_series([{"step": 0.0}]) == {}
+    assert plot_dual_dynamics(history, tmp_path / "d.png").stat().st_size > 0

@@ -32,28 +32,49 @@ def print_unlearn_table(result: dict) -> None:
     print(f"model saved to {result['model_dir']}")
 
 
+DYNAMICS_PANELS = (("forget loss", ("forget_loss",)), ("retain loss vs eps", ("retain_loss", "eps")),
+                   ("dual variable lam", ("lam",)))
+
+
+def dynamics_series(history: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
+    """``{panel title: {metric: (steps, values)}}`` for each metric found in any row.
+
+    Rows need not share keys: the Ray pipeline logs ``eps`` once, at step 0, before any step.
+    """
+    panels = {}
+    for title, keys in DYNAMICS_PANELS:
+        series = {}
+        for key in keys:
+            rows = [h for h in history if key in h]
+            if rows:
+                series[key] = ([h["step"] for h in rows], [h[key] for h in rows])
+        if series:
+            panels[title] = series
+    return panels
+
+
 def plot_dual_dynamics(history: list[dict], out_file: Path) -> Path | None:
     """lam, retain loss against eps, and forget loss over the optimizer steps (PNG)."""
-    if not history:
+    panels = dynamics_series(history)
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    panels = [("forget loss", ["forget_loss"]), ("retain loss vs eps", ["retain_loss", "eps"]),
-              ("dual variable lam", ["lam"])]
-    panels = [(title, [k for k in keys if k in history[0]]) for title, keys in panels]
-    panels = [(title, keys) for title, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
-        for key in keys:
-            style = "--" if key == "eps" else "-"
-            ax.plot(steps, [h[key] for h in history], style, label=key)
+    last_step = max(h["step"] for h in history)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        for key, (steps, values) in series.items():
+            if key == "eps" and len(set(values)) == 1:  # a fixed bound: a line across the run
+                ax.axhline(values[0], linestyle="--", color="gray", label=key)
+            else:
+                ax.plot(steps, values, "--" if key == "eps" else "-", label=key)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
-        if len(keys) > 1:
+        ax.set_xlim(0, max(last_step, 1))
+        if len(series) > 1:
             ax.legend()
     fig.tight_layout()
     out_file = Path(out_file)
