@@ -86,7 +86,7 @@ def long_records(records: list, tokenizer, length: int) -> list:
 
 def bench_model(model_name: str, checkpointing: bool, random_init: bool, device: str):
     """The model to train: its weights, or its architecture with random weights."""
-    from unlearn.models import load_model, resolve_model_path
+    from unlearn.models import enable_gradient_checkpointing, load_model, resolve_model_path
 
     if not random_init:
         return load_model(model_name, gradient_checkpointing=checkpointing, device=device)
@@ -95,8 +95,7 @@ def bench_model(model_name: str, checkpointing: bool, random_init: bool, device:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
     model.to(device)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     return model
 
 
@@ -232,13 +231,14 @@ def print_table(rows: list[dict]) -> None:
     graddiff = {(r["model"], r["path"]): r for r in rows if r["method"] == "grad_diff"}
     table = []
     for r in rows:
-        base = plain[(r["model"], r["method"])]
+        base = plain.get((r["model"], r["method"]))  # ratios need the plain path among --paths
         gd = graddiff.get((r["model"], r["path"]))
         table.append([
             r["model"], r.get("device", "cpu"), r["method"], r["path"], r.get("tokens_per_batch"),
             r["step_s"], r["tokens_per_s"], r["peak_mib"],
-            r["above_floor_mib"], base["step_s"] / r["step_s"], r["peak_mib"] / base["peak_mib"],
-            r["above_floor_mib"] / base["above_floor_mib"],
+            r["above_floor_mib"],
+            *((base["step_s"] / r["step_s"], r["peak_mib"] / base["peak_mib"],
+               r["above_floor_mib"] / base["above_floor_mib"]) if base else (None, None, None)),
             r["step_s"] / gd["step_s"] if gd and r["method"] == "pdu" else None,
         ])
     print(format_table(

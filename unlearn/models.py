@@ -284,11 +284,17 @@ def load_model(
         raise ModelLoadError(f"could not load model {spec!r} ({path}): {exc}") from exc
     model.to(device)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     if lora is not None:
         model = apply_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block's activations in backward (non-reentrant, so it also works
+    under FSDP2); the KV cache is off, as it cannot be used while training."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def apply_lora(model: nn.Module, lora: LoraSettings, *, gradient_checkpointing: bool = False):
