@@ -37,11 +37,10 @@ class PipelineError(RuntimeError):
 
 def tracking_uri(cfg: Config) -> str:
     """The MLflow URI; a relative sqlite path is made absolute so Ray workers find the same file."""
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
+    from unlearn.paths import absolute_tracking_uri
+
+    return absolute_tracking_uri(cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                 or "sqlite:///mlflow.db")
 
 
 def check_mlflow(uri: str) -> None:
@@ -100,28 +99,65 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def unfinished_run(client, experiment_id: str, name: str) -> str | None:
-    """The newest run tagged ``name`` that did not finish (to resume it), or None."""
+# Settings that change how a run executes, not what it computes: a re-run may differ in them and
+# still continue the same run.
+EXECUTION_ONLY = ("ray.verbose", "ray.max_failures", "ray.fail_at_step")
+IDENTITY_LABELS = {"unlearn.config_hash": "config (hash)", "unlearn.model": "model",
+                   "unlearn.output_dir": "output folder", "unlearn.storage": "checkpoint storage"}
+
+
+def run_identity(cfg: Config, model: str, storage: str) -> dict[str, str]:
+    """What makes a re-run the same run: the resolved config's hash, the model, output and storage.
+    Recorded as tags on the MLflow run; an unfinished run is resumed only when all of them match."""
+    from pipelines.registry import config_hash
+
+    config = cfg.model_dump(mode="json")
+    for key in EXECUTION_ONLY:
+        section, field = key.split(".")
+        config[section].pop(field, None)
+    return {"unlearn.config_hash": config_hash(config), "unlearn.model": model,
+            "unlearn.output_dir": cfg.output_dir, "unlearn.storage": storage}
+
+
+def unfinished_run(client, experiment_id: str, name: str,
+                   identity: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+    """``(run id, None)`` of the newest unfinished run tagged ``name`` whose tags match
+    ``identity``, to resume; else ``(None, why the newest unfinished one is not resumed)``;
+    ``(None, None)`` when there is none."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}' and "
                                                              "attributes.status != 'FINISHED'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id if runs else None
+                              max_results=50, order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if all(run.data.tags.get(k) == v for k, v in (identity or {}).items()):
+            return run.info.run_id, None
+    if not runs:
+        return None, None
+    old = runs[0]
+    changed = [f"{IDENTITY_LABELS.get(k, k)} {old.data.tags.get(k, 'not recorded')} -> {v}"
+               for k, v in identity.items() if old.data.tags.get(k) != v]
+    return None, (f"not resuming the unfinished MLflow run {old.info.run_id} of the same name "
+                  f"({'; '.join(changed)}): starting a new run")
 
 
-def start_or_resume_run(cfg: Config, uri: str, parent_run_id: str | None = None) -> tuple[str, bool]:
-    """The MLflow run of ``cfg.run_name``: the unfinished one if there is one, else a new one."""
-    import mlflow
+def start_or_resume_run(cfg: Config, uri: str, identity: dict[str, str],
+                        parent_run_id: str | None = None) -> tuple[str, bool]:
+    """The MLflow run of ``cfg.run_name``: the unfinished one of the same identity (see
+    :func:`run_identity`) if there is one, else a new one."""
     from mlflow import MlflowClient
 
-    experiment = mlflow.set_experiment(cfg.mlflow.experiment)
     client = MlflowClient(uri)
-    existing = unfinished_run(client, experiment.experiment_id, cfg.run_name)
+    name = cfg.mlflow.experiment
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    existing, why_not = unfinished_run(client, experiment_id, cfg.run_name, identity)
     if existing:
         return existing, True
-    tags = {RUN_NAME_TAG: cfg.run_name}
+    if why_not:
+        print(why_not, flush=True)
+    tags = {RUN_NAME_TAG: cfg.run_name, **identity}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # a child run (a Tune trial) of the search's run
-    run = client.create_run(experiment.experiment_id, run_name=cfg.run_name, tags=tags)
+    run = client.create_run(experiment_id, run_name=cfg.run_name, tags=tags)
     params = flatten(cfg.model_dump(mode="json"))
     from mlflow.entities import Param
 
@@ -218,6 +254,16 @@ def latest_checkpoint(storage: str, name: str):
 # --------------------------------------------------------------------------- the job
 
 
+def driver_paths(cfg: Config, model: str | None, reference: str | None) -> tuple[Config, str, str | None]:
+    """The config, model and reference with every local path absolute (against the driver's
+    working directory), before anything is handed to Ray: workers, actors and trials run elsewhere."""
+    from unlearn.config import resolve_paths
+    from unlearn.paths import absolute_model
+
+    cfg = resolve_paths(cfg)
+    return cfg, absolute_model(model) or cfg.model.name_or_path, absolute_model(reference)
+
+
 def reference_for(cfg: Config, reference: str | None, out: Path):
     from unlearn.demo import eval_settings
     from unlearn.eval import load_reference
@@ -254,8 +300,8 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     from unlearn.workflow import build_objective, load_unlearn_data, resolve_source
 
     start = time.perf_counter()
-    spec = model or cfg.model.name_or_path
-    out = Path(cfg.output_dir).resolve()
+    cfg, spec, reference = driver_paths(cfg, model, reference)
+    out = Path(cfg.output_dir)
     eval_dir = out / "eval"
     if cfg.model.lora is not None:
         raise PipelineError("model.lora is not supported by the Ray pipeline yet; use `unlearn forget`")
@@ -268,9 +314,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     ensure_ray(log_to_driver=cfg.ray.verbose)
     check_resources(cfg)
     storage = cfg.ray.storage_path or str(out / "ray")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    run_id, resumed = start_or_resume_run(cfg, uri, parent_run_id)
+    run_id, resumed = start_or_resume_run(cfg, uri, run_identity(cfg, spec, storage), parent_run_id)
     client = MlflowClient(uri)
     # One Ray run directory per MLflow run: a re-run of an unfinished run resumes from its
     # checkpoints, a new run never picks up an older run's.

@@ -217,15 +217,18 @@ def _mark_failed(cfg: Config) -> None:
         client.set_terminated(run.info.run_id, "FAILED")
 
 
-def parent_run(client, experiment_id: str, name: str) -> str:
-    """The search's MLflow run: the unfinished one of an interrupted search, else a new one."""
+def parent_run(client, experiment_id: str, name: str, identity: dict[str, str]) -> str:
+    """The search's MLflow run: the unfinished one of an interrupted search with the same
+    identity (config, model, output), else a new one."""
     from pipelines.run import RUN_NAME_TAG, unfinished_run
 
-    existing = unfinished_run(client, experiment_id, name)
+    existing, why_not = unfinished_run(client, experiment_id, name, identity)
     if existing:
         return existing
+    if why_not:
+        print(why_not, flush=True)
     return client.create_run(experiment_id, run_name=name,
-                             tags={RUN_NAME_TAG: name, "unlearn.kind": "tune"}).info.run_id
+                             tags={RUN_NAME_TAG: name, "unlearn.kind": "tune", **identity}).info.run_id
 
 
 def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = None) -> dict:
@@ -241,7 +244,9 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         check_mlflow,
         check_model,
         check_resources,
+        driver_paths,
         reference_for,
+        run_identity,
         tracking_uri,
     )
     from unlearn.demo import evaluate_stage
@@ -251,8 +256,8 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     if not cfg.tune.search_space:
         raise ValueError("tune.search_space is empty: name at least one parameter to search")
     check_space(cfg)
-    spec = model or cfg.model.name_or_path
-    out = Path(cfg.output_dir).resolve()
+    cfg, spec, reference = driver_paths(cfg, model, reference)
+    out = Path(cfg.output_dir)
     data = load_unlearn_data(cfg)
     check_model(spec)
     uri = tracking_uri(cfg)
@@ -262,7 +267,8 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
 
     experiment = mlflow.set_experiment(cfg.mlflow.experiment)
     client = MlflowClient(uri)
-    parent_id = parent_run(client, experiment.experiment_id, f"{cfg.run_name}-tune")
+    parent_id = parent_run(client, experiment.experiment_id, f"{cfg.run_name}-tune",
+                           run_identity(cfg, spec, str(out / "tune")))
     if "search_space" not in client.get_run(parent_id).data.params:
         client.log_param(parent_id, "search_space", json.dumps(cfg.tune.search_space))
     eval_dir = out / "eval"

@@ -7,7 +7,6 @@ in MLflow, and stops the head it started.
 
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -51,13 +50,14 @@ def head(tmp_path):
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline_with_token_auth(head, tmp_path):
     env, address = head
-    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     job = "unlearn-test-job"
     command = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job,
                "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
-               "--", "unlearn", "run", "configs/tofu_tiny.yaml", f"output_dir={out}", "run_name=job-test",
-               f"mlflow.tracking_uri={uri}", "train.epochs=1", "eval.before=false", "eval.max_new_tokens=8"]
+               "--", "unlearn", "run", "configs/tofu_tiny.yaml", "output_dir=outputs/job-test",
+               "run_name=job-test", f"mlflow.tracking_uri={uri}", "train.epochs=1", "eval.before=false",
+               "eval.max_new_tokens=8"]
     # without the token the head refuses the submission
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     no_token["RAY_AUTH_TOKEN"] = "0" * 32
@@ -77,5 +77,7 @@ def test_ray_job_submit_runs_the_pipeline_with_token_auth(head, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = client.get_metric_history(runs[0].info.run_id, "forget_loss")
     assert len(steps) >= 1 and "after.forget_prob" in runs[0].data.metrics
+    # the relative output_dir means the job's working directory (Ray's copy of the repository)
+    out = Path(runs[0].data.tags["unlearn.output_dir"])
+    assert out.is_absolute() and out.parts[-2:] == ("outputs", "job-test") and REPO not in out.parents
     assert (out / "unlearned" / "config.json").is_file()
-    shutil.rmtree(out / "ray", ignore_errors=True)

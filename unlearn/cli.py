@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from unlearn.config import ConfigError, load_config
+from unlearn.paths import absolute_model, absolute_source, absolute_tracking_uri
 
 
 def _cmd_methods(args) -> int:
@@ -76,12 +77,13 @@ def _cmd_run(args) -> int:
 
 
 def resolve_model(spec: str) -> str:
-    """A model spec for ``load_model``; MLflow ``models:/`` and ``runs:/`` URIs are downloaded."""
+    """A model spec for ``load_model``; MLflow ``models:/`` and ``runs:/`` URIs are downloaded, a
+    local path is made absolute (Ray actors do not share the working directory)."""
     if spec.startswith(("models:/", "runs:/")):
         from pipelines.models import download_model
 
         return download_model(spec)
-    return spec
+    return absolute_model(spec)
 
 
 def _eval_data(benchmark: str, data: str | None) -> str:
@@ -94,7 +96,7 @@ def _eval_data(benchmark: str, data: str | None) -> str:
         from unlearn.data.synthetic import synthetic_source
 
         return str(synthetic_source(benchmark, cache_dir() / "data"))
-    return data
+    return absolute_source(data)
 
 
 def _cmd_eval(args) -> int:
@@ -149,7 +151,7 @@ def _mlflow_client(uri: str | None):
 
     from pipelines.run import check_mlflow
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = absolute_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     check_mlflow(uri)
     return MlflowClient(uri)
 

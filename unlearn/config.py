@@ -263,6 +263,25 @@ class Config(_Strict):
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
 
+def resolve_paths(cfg: Config, base: str | Path | None = None) -> Config:
+    """A copy of ``cfg`` whose local paths are absolute against ``base`` (default: the working
+    directory): output, model, data source, reference, checkpoint storage, a sqlite MLflow file.
+    Hub ids, URIs and named models or sources are unchanged (see ``unlearn.paths``)."""
+    from unlearn import paths
+
+    storage, uri = cfg.ray.storage_path, cfg.mlflow.tracking_uri
+    uri = uri and paths.absolute_tracking_uri(uri, base)
+    return cfg.model_copy(update={
+        "output_dir": paths.absolute_path(cfg.output_dir, base),
+        "model": cfg.model.model_copy(update={"name_or_path": paths.absolute_model(cfg.model.name_or_path,
+                                                                                   base)}),
+        "data": cfg.data.model_copy(update={"source": paths.absolute_source(cfg.data.source, base)}),
+        "eval": cfg.eval.model_copy(update={"reference": paths.absolute_model(cfg.eval.reference, base)}),
+        "ray": cfg.ray.model_copy(update={"storage_path": storage and paths.absolute_path(storage, base)}),
+        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri}),
+    })
+
+
 def _format_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -297,7 +316,8 @@ def build_config(raw: dict | None = None, overrides: list[str] | None = None) ->
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config file (or the defaults when ``path`` is None) and validate it."""
+    """Read a YAML config file (or the defaults when ``path`` is None) and validate it; its
+    relative paths are made absolute against the working directory (:func:`resolve_paths`)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -309,4 +329,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path}: the top level must be a mapping")
-    return build_config(raw, overrides)
+    return resolve_paths(build_config(raw, overrides))

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unlearn.paths import looks_like_hub_id
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,7 +90,7 @@ def resolve_model_path(spec: str) -> str:
                 f"{path} is not a Hugging Face model folder (no config.json inside)"
             )
         return str(path)
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    if looks_like_hub_id(spec):
         return spec  # a hub id: from_pretrained fetches it when online
     raise ModelLoadError(
         f"cannot load model {spec!r}: not 'tiny', 'smollm2-135m', a .gguf file, "

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from unlearn.data.records import DataError, QARecord, SplitNotFound, VerbatimRecord
+from unlearn.paths import looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def read_rows(source: str | Path, split: str | None = None, *,
         return _read_file(_split_file(path, split))
     if path.is_file():
         return _read_file(path)
-    if _looks_like_hub_name(str(source)):
+    if looks_like_hub_id(str(source)):
         return _read_hub(str(source), split, config)
     raise DataError(f"data source {source!s} not found (no such file or folder, and not a hub "
                     "name of the form owner/name)")
@@ -86,10 +86,6 @@ def _read_json_lines(text: str, name: str) -> list[Any]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{name} line {number}: not valid JSON ({exc.msg})") from None
     return rows
-
-
-def _looks_like_hub_name(source: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not source.startswith(".")
 
 
 def _read_hub(name: str, split: str | None, config: str | None) -> tuple[list[Any], str]:
