@@ -34,8 +34,11 @@ def test_demo_then_run_from_a_fresh_directory_with_relative_paths(tmp_path):
     summary = json.loads((demo / "summary.json").read_text())
     assert summary["model_dir"] == str(demo / "unlearned")
     assert (demo / "unlearned" / "config.json").is_file()
-    assert summary["mlflow_tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
-    assert summary["after"]["forget_quality"] is not None and "gate:" in printed
+    assert summary["mlflow_tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db" and summary["mlflow_run_id"]
+    assert "forget_quality" in printed and "gate:" in printed and "mlflow ui --backend-store-uri" in printed
+    for stage in ("before", "after"):
+        assert {"forget_quality", "model_utility", "forget_prob", "privleak"} <= set(summary[stage])
+    assert summary["before"]["forget_quality"] is not None  # the retain model is the reference
 
     # a config with relative paths inside, given by a relative path, from the same directory
     (tmp_path / "run.yaml").write_text("run_name: relative-run\noutput_dir: outputs/run\n"

@@ -20,6 +20,9 @@ from unlearn.config import build_config  # noqa: E402
 from unlearn.workflow import run_unlearning  # noqa: E402
 
 STEP_TOLERANCE = 0.05  # relative, per step, forget and retain loss
+# Below ~0.01 nats a retain loss is a few tokens' worth, and the ranks' token split moves it by
+# more than 5% (measured: 0.0083 vs 0.0088 at one step): an absolute floor of 1e-3 nats.
+STEP_FLOOR = 1e-3
 RESUME_TOLERANCE = 1e-4  # relative: a resumed run replays exactly the same steps
 
 
@@ -59,7 +62,7 @@ def test_two_fsdp2_workers_match_one_process(make_cfg, uninterrupted):
         assert [s for s, _ in distributed] == list(range(1, len(single) + 1))
         print(key, [(round(h[key], 4), round(v, 4)) for h, (_, v) in zip(single, distributed)])
         for h, (step, value) in zip(single, distributed):
-            assert value == pytest.approx(h[key], rel=STEP_TOLERANCE), f"{key} at step {step}"
+            assert value == pytest.approx(h[key], rel=STEP_TOLERANCE, abs=STEP_FLOOR), f"{key} at step {step}"
     assert summary["after"]["forget_prob"] < 0.5  # the target's is above 0.9
     assert summary["after"]["forget_quality"] is not None  # the retain model was the reference
     assert (Path(summary["model_dir"]) / "config.json").is_file()
