@@ -56,14 +56,19 @@ def uninterrupted(make_cfg):
 def test_two_fsdp2_workers_match_one_process(make_cfg, uninterrupted):
     _, report = make_cfg
     cfg, summary = uninterrupted
-    single = run_unlearning(cfg, report["target"], progress=False)["history"]
+    one_process = run_unlearning(cfg, report["target"], progress=False)
+    single = one_process["history"]
     for key in ("forget_loss", "retain_loss"):
         distributed = _history(summary, key)
         assert [s for s, _ in distributed] == list(range(1, len(single) + 1))
         print(key, [(round(h[key], 4), round(v, 4)) for h, (_, v) in zip(single, distributed)])
         for h, (step, value) in zip(single, distributed):
             assert value == pytest.approx(h[key], rel=STEP_TOLERANCE, abs=STEP_FLOOR), f"{key} at step {step}"
-    assert summary["after"]["forget_prob"] < 0.5  # the target's is above 0.9
+    # the same model at the end: forget Prob 0.92 after these 2 epochs of the defaults, from 0.99
+    # (the defaults' forgetting itself is checked over 16 epochs in test_end_to_end)
+    print("forget Prob: 2 workers", summary["after"]["forget_prob"], "one process", one_process["after"])
+    assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=0.02)
+    assert summary["after"]["forget_prob"] < report["forget_prob"]["target"] - 0.03
     assert summary["after"]["forget_quality"] is not None  # the retain model was the reference
     assert (Path(summary["model_dir"]) / "config.json").is_file()
     assert json.loads((Path(cfg.output_dir) / "summary.json").read_text())["mlflow_run_id"] == \
