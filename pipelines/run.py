@@ -120,7 +120,7 @@ def run_identity(cfg: Config, model: str, storage: str) -> dict[str, str]:
 
 
 def unfinished_run(client, experiment_id: str, name: str,
-                   identity: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+                   identity: dict[str, str]) -> tuple[str | None, str | None]:
     """``(run id, None)`` of the newest unfinished run tagged ``name`` whose tags match
     ``identity``, to resume; else ``(None, why the newest unfinished one is not resumed)``;
     ``(None, None)`` when there is none."""
@@ -128,7 +128,7 @@ def unfinished_run(client, experiment_id: str, name: str,
                                                              "attributes.status != 'FINISHED'",
                               max_results=50, order_by=["attributes.start_time DESC"])
     for run in runs:
-        if all(run.data.tags.get(k) == v for k, v in (identity or {}).items()):
+        if all(run.data.tags.get(k) == v for k, v in identity.items()):
             return run.info.run_id, None
     if not runs:
         return None, None

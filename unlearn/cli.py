@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from unlearn.config import ConfigError, load_config
-from unlearn.paths import absolute_model, absolute_source, absolute_tracking_uri
+from unlearn.paths import URI_SCHEMES, absolute_model, absolute_source, absolute_tracking_uri
 
 
 def _cmd_methods(args) -> int:
@@ -79,7 +79,7 @@ def _cmd_run(args) -> int:
 def resolve_model(spec: str) -> str:
     """A model spec for ``load_model``; MLflow ``models:/`` and ``runs:/`` URIs are downloaded, a
     local path is made absolute (Ray actors do not share the working directory)."""
-    if spec.startswith(("models:/", "runs:/")):
+    if spec.startswith(URI_SCHEMES):
         from pipelines.models import download_model
 
         return download_model(spec)
