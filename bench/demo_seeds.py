@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 HEADER = ["seed", "mode", "forget quality", "utility / before", "privleak", "forget Prob", "max lam",
-          "final lam", "s", "margin"]
+          "final lam", "epochs", "s", "margin"]
 MARGIN = {"forget_quality": 0.1, "privleak": 20.0, "utility_ratio": 0.97}
 
 
@@ -52,11 +52,11 @@ def run_local(cfg, models: dict) -> tuple[dict, list[dict]]:
     from unlearn.demo import evaluate_stages
     from unlearn.workflow import run_unlearning
 
-    result = run_unlearning(cfg, models["target"], progress=False)
+    result = run_unlearning(cfg, models["target"], reference=models["retain"], progress=False)
     evals = evaluate_stages(cfg, {"target": models["target"], "unlearned": result["model_dir"]},
                             models["retain"])
-    return {"before": evals["target"]["aggregates"], "after": evals["unlearned"]["aggregates"]}, \
-        result["history"]
+    return {"before": evals["target"]["aggregates"], "after": evals["unlearned"]["aggregates"],
+            "stop": result["stop"]}, result["history"]
 
 
 def run_ray(cfg, models: dict) -> tuple[dict, list[dict]]:
@@ -67,6 +67,42 @@ def run_ray(cfg, models: dict) -> tuple[dict, list[dict]]:
     summary = run_pipeline(cfg, models["target"], reference=models["retain"])
     history = step_history(MlflowClient(summary["mlflow_tracking_uri"]), summary["mlflow_run_id"])
     return summary, history
+
+
+def epochs_run(stop: dict | None, epochs: int) -> str:
+    """Epochs trained: where early stopping stopped, else all of them."""
+    if stop is None or stop["stopped_after_epochs"] is None:
+        return str(epochs)
+    return f"{stop['stopped_after_epochs']} (stopped)"
+
+
+def plot_stop_curves(curves: dict[str, dict], out_file: Path) -> Path | None:
+    """Early stopping's checks per run: the forget-vs-unseen AUC by epoch against its target."""
+    curves = {label: stop for label, stop in curves.items() if stop and stop["auc_by_epoch"]}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    colors: dict[str, str] = {}  # one colour per seed ("seed N"), one line style per mode
+    for label, stop in curves.items():
+        seed, mode = label.rsplit(" ", 1)
+        color = colors.setdefault(seed, f"C{len(colors)}")
+        epochs = sorted(int(e) for e in stop["auc_by_epoch"])
+        ax.plot(epochs, [stop["auc_by_epoch"][str(e)] for e in epochs], ":" if mode == "ray" else "-",
+                marker="." if mode == "ray" else None, color=color, label=label)
+        ax.axhline(stop["target_auc"], linestyle="--", linewidth=0.8, color=color)
+    ax.set_xlabel("epochs done")
+    ax.set_ylabel("Min-k AUC, forget vs unseen")
+    ax.set_title("early stopping: stop at the dashed target (the retain model's AUC)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)
+    return Path(out_file)
 
 
 def main() -> None:
@@ -82,7 +118,7 @@ def main() -> None:
     from unlearn.report import format_table, plot_dual_dynamics
 
     out = Path(args.out).resolve()
-    rows, passed = [], 0
+    rows, passed, curves = [], 0, {}
     upstream = [o for o in args.overrides if o.startswith(FINETUNE_KEYS)]
     for seed in args.seeds:
         base = out / "-".join([f"seed{seed}", *(o.replace("/", "_") for o in upstream)])
@@ -98,16 +134,21 @@ def main() -> None:
             plot_dual_dynamics(history, folder / "dual_dynamics.png")
             before, after = summary["before"], summary["after"]
             ok = with_margin(after, before)
+            curves[f"seed {seed} {mode}"] = summary.get("stop")
             passed += ok
             lams = [h["lam"] for h in history if "lam" in h]
             rows.append([seed, mode, after["forget_quality"],
                          after["model_utility"] / before["model_utility"], after["privleak"],
                          after["forget_prob"], max(lams, default=None), lams[-1] if lams else None,
+                         epochs_run(summary.get("stop"), cfg.train.epochs),
                          round(time.perf_counter() - start), "yes" if ok else "NO"])
             print(format_table(HEADER, rows[-1:]), flush=True)
     print()
     print(f"settings: {' '.join(args.overrides) or '(demo defaults)'}")
     print(format_table(HEADER, rows))
+    plot = plot_stop_curves(curves, out / f"stop_curves-{args.tag}.png")
+    if plot:
+        print(f"early stopping's checks: {plot}")
     print(f"{passed}/{len(rows)} runs pass with margin (forget quality >= {MARGIN['forget_quality']}, "
           f"|privleak| <= {MARGIN['privleak']:g}, utility >= {MARGIN['utility_ratio']} x before)")
 

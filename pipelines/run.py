@@ -296,7 +296,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     from unlearn.demo import evaluate_stage
     from unlearn.eval import compare_table
     from unlearn.eval.report import headline
-    from unlearn.report import plot_dual_dynamics
+    from unlearn.report import plot_dual_dynamics, stop_line
     from unlearn.workflow import build_objective, load_unlearn_data, resolve_source
 
     start = time.perf_counter()
@@ -342,8 +342,11 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         datasets["proxy"] = tokenized_dataset(data.proxy, spec, max_length=cfg.data.max_length)
     r = cfg.ray
     loop_config = {"config": cfg.model_dump(mode="json"), "model": spec, "run_id": run_id,
-                   "tracking_uri": uri, "datasets": sorted(datasets), "storage_path": str(storage),
-                   "ray_name": ray_name}
+                   "tracking_uri": uri, "storage_path": str(storage), "ray_name": ray_name}
+    if data.stop is not None:
+        datasets["stop"] = tokenized_dataset(data.stop, spec, max_length=cfg.data.max_length)
+        loop_config["stop_auc"] = driver_stop_target(cfg, data, spec, reference)
+    loop_config["datasets"] = sorted(datasets)
     callbacks = []
     if epoch_metric is not None:
         from dataclasses import asdict
@@ -388,6 +391,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         results["after"] = evaluate_stage(str(model_dir), cfg, ref, eval_dir, "after")
         log_evaluation(client, run_id, "after", results["after"], eval_dir)
     history = step_history(client, run_id)
+    stop = stop_summary(client, run_id, result.metrics, loop_config.get("stop_auc"))
     plot = plot_dual_dynamics(history, out / "dual_dynamics.png") if history else None
     with mlflow.start_run(run_id=run_id):
         from pipelines.models import log_hf_model
@@ -418,7 +422,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "model_dir": str(model_dir),
         "model_uri": model_uri,
         "data": resolve_source(cfg), "method": objective.name, "workers": r.num_workers,
-        "steps": len(history), "plot": str(plot) if plot else None,
+        "steps": len(history), "stop": stop, "plot": str(plot) if plot else None,
         "seconds": round(time.perf_counter() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -439,10 +443,35 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
                   + (f": {v['reason']}" if v["reason"] else ""))
         print(f"registered: {cfg.registry.model_name} version {version} (alias challenger)" if version
               else "not registered")
+    if stop is not None:
+        print(stop_line(stop))
     print(f"\nmodel: {model_dir}\nsummary: {out / 'summary.json'}\nMLflow UI: mlflow ui "
           f"--backend-store-uri {uri}  (run {run_id})", flush=True)
     mlflow.set_tracking_uri(None)
     return summary
+
+
+def driver_stop_target(cfg: Config, data, spec: str, reference: str | None) -> float:
+    """Early stopping's target AUC, measured once on the driver (``unlearn.workflow.stop_target``)."""
+    from unlearn.models import load_tokenizer
+    from unlearn.workflow import build_stopper, encode_records
+
+    tokenizer = load_tokenizer(spec)
+    features = [encode_records(tokenizer, records, max_length=cfg.data.max_length)
+                for records in (data.forget, data.stop)]
+    return build_stopper(cfg, tokenizer.pad_token_id, *features, reference=reference or cfg.eval.reference).auc
+
+
+def stop_summary(client, run_id: str, final: dict, target: float | None) -> dict | None:
+    """Early stopping's record (as ``unlearn.workflow.stop_record``) from the worker's last report
+    and the ``stop_auc`` metric that rank 0 logged at each check (its MLflow step: epochs done)."""
+    if target is None:
+        return None
+    stopped = final.get("stopped_after_epochs", -1)
+    aucs = {str(m.step): m.value for m in sorted(client.get_metric_history(run_id, "stop_auc"),
+                                                  key=lambda m: m.step)}
+    return {"target_auc": target, "stopped_after_epochs": None if stopped < 0 else int(stopped),
+            "auc_by_epoch": aucs}
 
 
 def run_demo_pipeline(cfg: Config) -> dict:

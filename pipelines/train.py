@@ -46,6 +46,16 @@ def all_reduce_mean(value: float) -> float:
     return float(tensor) / dist.get_world_size()
 
 
+def all_gather_list(items: list) -> list[list]:
+    """Every rank's ``items``, in rank order (picklable objects)."""
+    dist = _dist()
+    if dist is None:
+        return [items]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return gathered
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     dist = _dist()
     if dist is not None:
@@ -235,7 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from unlearn.loop import Unlearner, build_optimizer, build_scheduler, mean_nll
     from unlearn.models import frozen_copy, load_model, load_tokenizer
     from unlearn.objectives import EGUP
-    from unlearn.workflow import build_dual, build_objective, make_batches
+    from unlearn.workflow import build_dual, build_objective, build_stopper, make_batches
 
     cfg = build_config(loop_config["config"])
     spec = loop_config["model"]
@@ -253,6 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     forget = pull_features("forget")
     retain = pull_features("retain") if "retain" in loop_config["datasets"] else None
     proxy = pull_features("proxy") if "proxy" in loop_config["datasets"] else None
+    stop_rows = pull_features("stop") if "stop" in loop_config["datasets"] else None
 
     model = load_model(spec, dtype=cfg.model.dtype,
                        gradient_checkpointing=cfg.model.gradient_checkpointing).to(device)
@@ -263,6 +274,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     t = cfg.train
     dual = build_dual(cfg, objective, reduce=all_reduce_mean)
+    stopper = build_stopper(cfg, pad, forget, stop_rows, target=loop_config.get("stop_auc"), rank=rank,
+                            world=world, gather=all_gather_list)
 
     def to_device(batch):
         return {k: v.to(device) for k, v in batch.items()}
@@ -289,9 +302,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step, initial_retain = 0, None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            if (Path(folder) / EXPORT_MARKER).is_file():
-                ray.train.report({"step": total_steps, "done": 1.0}, checkpoint=None)
-                return  # this run already finished and exported its model
+            marker = Path(folder) / EXPORT_MARKER
+            if marker.is_file():  # this run already finished and exported its model
+                ray.train.report({"done": 1.0, **json.loads(marker.read_text())}, checkpoint=None)
+                return
             extra = load_checkpoint(Path(folder), model, optimizer)
         start_step = extra["step"]
         scheduler.load_state_dict(extra["scheduler"])
@@ -314,8 +328,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), rank)
     logger.start(total_steps, initial_retain, float(dual.eps) if dual is not None and dual.ready else None)
     every = cfg.ray.checkpoint_every or steps_per_epoch
-    step = start_step
+    step, stopped_at = start_step, None
     for epoch in range(start_step // steps_per_epoch, t.epochs):
+        # At an epoch boundary only: a run resumed there measures the same weights again.
+        if stopper is not None and step == epoch * steps_per_epoch and stopper.should_stop(model, epoch):
+            stopped_at = epoch
+        if stopper is not None and stopper.history and stopper.history[-1][0] == epoch:
+            logger.log(epoch, {"stop_auc": stopper.history[-1][1]}, force=True)  # step: epochs done
+        if stopped_at is not None:
+            if rank == 0:
+                log.warning("early stopping after %d epochs: forget-vs-unseen AUC %.3f <= %.3f",
+                            epoch, stopper.history[-1][1], stopper.auc)
+            break
         pairs = pairs_for(epoch)
         groups = [pairs[i:i + t.grad_accum] for i in range(0, len(pairs), t.grad_accum)]
         for group in groups[step - epoch * steps_per_epoch:]:
@@ -348,14 +372,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               "step": float(step), "child_run_id": loop_config.get("run_id")},
                              checkpoint=None)
 
+    final = {"step": float(step), "done": 1.0,
+             "stopped_after_epochs": float(-1 if stopped_at is None else stopped_at)}
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_full_model(model, tokenizer, spec, Path(tmp) / "model")
         if exported is not None:
-            (Path(tmp) / "model" / EXPORT_MARKER).write_text(json.dumps({"steps": step}))
-            ray.train.report({"step": float(step), "done": 1.0},
-                             checkpoint=ray.train.Checkpoint.from_directory(str(exported)))
+            (Path(tmp) / "model" / EXPORT_MARKER).write_text(json.dumps(final))
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(exported)))
         else:
-            ray.train.report({"step": float(step), "done": 1.0}, checkpoint=None)
+            ray.train.report(final, checkpoint=None)
 
 
 def _reportable(metrics: dict) -> dict:

@@ -245,6 +245,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         check_model,
         check_resources,
         driver_paths,
+        driver_stop_target,
         reference_for,
         run_identity,
         tracking_uri,
@@ -275,6 +276,10 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     ref = reference_for(cfg, reference, eval_dir)
     written = eval_dir / "reference.json"  # the reference model's evaluation, reused by every trial
     reference_json = str(written) if written.is_file() else reference
+    if data.stop is not None and cfg.stop.auc is None:
+        # Trials get the reference's eval JSON, not the model: they share the target measured here.
+        target = driver_stop_target(cfg, data, spec, reference)
+        cfg = cfg.model_copy(update={"stop": cfg.stop.model_copy(update={"auc": target})})
     print(f"evaluating {spec} before unlearning (once, for every trial)", flush=True)
     before = evaluate_stage(spec, cfg, ref, eval_dir, "before")["aggregates"]
 

@@ -27,7 +27,7 @@ def test_target_memorises_and_retain_model_does_not(finetuned):
 @pytest.mark.slow
 def test_pdu_forgets_while_retain_loss_respects_eps(finetuned):
     cfg, report, _ = finetuned
-    result = run_unlearning(cfg, report["target"], progress=False)
+    result = run_unlearning(cfg, report["target"], reference=report["retain"], progress=False)
     before, after, eps = result["before"], result["after"], result["eps"]
     print("PDU before:", before, "after:", after, "eps:", eps)
     assert after["forget_prob"] < 0.5 * before["forget_prob"]
@@ -35,6 +35,16 @@ def test_pdu_forgets_while_retain_loss_respects_eps(finetuned):
     history = result["history"]
     assert {"lam", "eps", "slack", "forget_loss", "retain_loss"} <= set(history[0])
     assert history[-1]["forget_loss"] < history[0]["forget_loss"]
+    # early stopping ends the run once forget looks as unseen as it does to the retain model
+    # (after 13 of at most 30 epochs for this seed), and not at an earlier check
+    stop = result["stop"]
+    print("early stopping:", stop)
+    stopped = stop["stopped_after_epochs"]
+    assert stopped is not None and stopped < cfg.train.epochs
+    assert {int(m["epoch"]) for m in history} == set(range(stopped))
+    aucs = {int(epoch): auc for epoch, auc in stop["auc_by_epoch"].items()}
+    assert aucs[stopped] <= stop["target_auc"]
+    assert all(auc > stop["target_auc"] for epoch, auc in aucs.items() if epoch < stopped)
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ def uninterrupted(make_cfg):
 def test_two_fsdp2_workers_match_one_process(make_cfg, uninterrupted):
     _, report = make_cfg
     cfg, summary = uninterrupted
-    one_process = run_unlearning(cfg, report["target"], progress=False)
+    one_process = run_unlearning(cfg, report["target"], reference=report["retain"], progress=False)
     single = one_process["history"]
     for key in ("forget_loss", "retain_loss"):
         distributed = _history(summary, key)
@@ -70,6 +70,13 @@ def test_two_fsdp2_workers_match_one_process(make_cfg, uninterrupted):
     assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=0.02)
     assert summary["after"]["forget_prob"] < report["forget_prob"]["target"] - 0.03
     assert summary["after"]["forget_quality"] is not None  # the retain model was the reference
+    # early stopping's check after epoch 1: the same target, and the 2 ranks' gathered Min-k
+    # scores give the one process's AUC (one swapped pair of 16 x 32 moves it by 0.002)
+    stop, local = summary["stop"], one_process["stop"]
+    assert stop["target_auc"] == pytest.approx(local["target_auc"], abs=1e-9)
+    assert list(stop["auc_by_epoch"]) == list(local["auc_by_epoch"]) == ["1"]
+    assert stop["auc_by_epoch"]["1"] == pytest.approx(local["auc_by_epoch"]["1"], abs=0.01)
+    assert stop["stopped_after_epochs"] is None
     assert (Path(summary["model_dir"]) / "config.json").is_file()
     assert json.loads((Path(cfg.output_dir) / "summary.json").read_text())["mlflow_run_id"] == \
         summary["mlflow_run_id"]
@@ -89,6 +96,17 @@ def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(make_cfg, unin
         assert [s for s, _ in faulty] == [s for s, _ in reference] == list(range(1, len(reference) + 1))
         assert faulty[-1][1] == pytest.approx(reference[-1][1], rel=RESUME_TOLERANCE), key
     assert summary["after"]["forget_prob"] == pytest.approx(clean["after"]["forget_prob"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_every_rank_at_the_same_epoch_and_exports(make_cfg):
+    # A random model: forget and never-seen records look alike (AUC near 0.5), below stop.auc.
+    make, _ = make_cfg
+    summary = run_pipeline(make("stops", "stop.auc=0.95", "train.epochs=3"), "tiny")
+    assert summary["stop"]["stopped_after_epochs"] == 1
+    assert 0 < summary["stop"]["auc_by_epoch"]["1"] <= 0.95
+    assert [s for s, _ in _history(summary, "loss")] == [1, 2, 3, 4]  # one epoch of 4 steps
+    assert (Path(summary["model_dir"]) / "config.json").is_file()
 
 
 def test_more_workers_than_the_cluster_has_fail_before_training(make_cfg):

@@ -66,6 +66,9 @@ def test_tune_runs_child_trials_plots_the_pareto_front_and_registers_the_best(fi
     children = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
     assert len(children) == 3 and all("after.forget_quality" in c.data.metrics for c in children)
+    # early stopping's target, measured once on the retain model, is the same for every trial
+    targets = {c.data.params["stop.auc"] for c in children}
+    assert len(targets) == 1 and 0 < float(targets.pop()) < 1
     artifacts = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
     assert {"pareto.png", "tune_trials.json", "tune_trials.txt"} <= artifacts
     best = summary["best"]

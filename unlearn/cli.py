@@ -48,7 +48,7 @@ def _cmd_forget(args) -> int:
     from unlearn.workflow import run_unlearning
 
     cfg = load_config(args.config, args.overrides)
-    result = run_unlearning(cfg, args.model)
+    result = run_unlearning(cfg, args.model, reference=absolute_model(args.reference))
     print_unlearn_table(result)
     return 0
 
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "forget":
             cmd.add_argument("--model", default=None,
                              help="model to unlearn from (default: model.name_or_path)")
+            cmd.add_argument("--reference", default=None, help="retain model: early stopping's "
+                             "target (default: eval.reference; see the stop section)")
 
     ev = sub.add_parser("eval", help="TOFU or MUSE metrics of a model, against a reference")
     ev.add_argument("--model", required=True, help="model spec (folder, tiny, smollm2-135m, .gguf, "

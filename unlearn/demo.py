@@ -13,7 +13,7 @@ from pathlib import Path
 from unlearn.config import Config
 from unlearn.eval import EvalReference, EvalSettings, compare_table, evaluate_model, write_result
 from unlearn.eval.report import headline
-from unlearn.report import format_table, plot_dual_dynamics
+from unlearn.report import format_table, plot_dual_dynamics, stop_line
 from unlearn.workflow import resolve_source, run_finetune, run_unlearning
 
 
@@ -56,7 +56,7 @@ def finetune_stage(cfg: Config, label: str) -> tuple[Path, float, dict]:
 def run_demo(cfg: Config) -> dict:
     out, start, finetuned = finetune_stage(cfg, "[1/3]")
     print(f"[2/3] unlearning {cfg.data.forget_split} from the target with {cfg.method.name}")
-    result = run_unlearning(cfg, finetuned["target"])
+    result = run_unlearning(cfg, finetuned["target"], reference=finetuned["retain"])
     plot = plot_dual_dynamics(result["history"], out / "dual_dynamics.png")
     print("[3/3] evaluating target and unlearned models against the retain model")
     evals = evaluate_stages(cfg, {"target": finetuned["target"], "unlearned": result["model_dir"]},
@@ -67,15 +67,18 @@ def run_demo(cfg: Config) -> dict:
     print(compare_table({"target (before)": evals["target"], "unlearned (after)": evals["unlearned"],
                          "retain model": evals["retain model"]}, keys))
     rows = [["retain loss (NLL)", result["before"]["retain_loss"], result["after"]["retain_loss"]]]
-    if result["eps"] is not None:
+    if result["eps"] is not None and result["history"]:
         last = result["history"][-1]
         rows.append(["eps (bound on retain loss)", None, result["eps"]])
         rows.append(["lam (dual variable)", None, last["lam_next"]])
     print(format_table(["training", "before", "after"], rows))
+    if result["stop"] is not None:
+        print(stop_line(result["stop"]))
     summary = {
         "before": evals["target"]["aggregates"], "after": evals["unlearned"]["aggregates"],
         "reference": evals["retain model"]["aggregates"],
-        "training": {"before": result["before"], "after": result["after"], "eps": result["eps"]},
+        "training": {"before": result["before"], "after": result["after"], "eps": result["eps"],
+                     "stop": result["stop"]},
         "finetune": {k: v for k, v in finetuned.items() if not k.endswith("history")},
         "model_dir": result["model_dir"], "plot": str(plot) if plot else None,
         "eval_dir": str(out / "eval"), "seconds": round(time.perf_counter() - start, 1),

@@ -29,7 +29,20 @@ def print_unlearn_table(result: dict) -> None:
     if result.get("eps") is not None:
         rows.append(["eps (retain-loss bound)", None, result["eps"]])
     print(format_table(["metric", "before", "after"], rows))
+    if result.get("stop"):
+        print(stop_line(result["stop"]))
     print(f"model saved to {result['model_dir']}")
+
+
+def stop_line(stop: dict) -> str:
+    """One line on what early stopping did (``unlearn.workflow.stop_record``)."""
+    aucs = stop["auc_by_epoch"]
+    last = f"{aucs[max(aucs, key=int)]:.3f}" if aucs else "n/a"
+    target = f"{stop['target_auc']:.3f}"
+    if stop["stopped_after_epochs"] is None:
+        return f"early stopping: ran every epoch; forget-vs-unseen Min-k AUC {last}, never <= {target}"
+    return (f"early stopping: stopped after {stop['stopped_after_epochs']} epochs; forget-vs-unseen "
+            f"Min-k AUC {last} <= {target}")
 
 
 DYNAMICS_PANELS = (("forget loss", ("forget_loss",)), ("retain loss vs eps", ("retain_loss", "eps")),

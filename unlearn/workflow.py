@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +19,18 @@ from tqdm.auto import tqdm
 from unlearn.config import Config
 from unlearn.data.batching import batch_indices
 from unlearn.data import (
+    DataError,
+    SplitNotFound,
     check_overlap,
     collate,
     encode_qa,
     encode_text,
     load_qa,
     load_texts,
+    shared_questions,
 )
 from unlearn.data.synthetic import synthetic_source
+from unlearn.eval.tofu import holdout_split_for
 from unlearn.dual import DualController
 from unlearn.loop import (
     Unlearner,
@@ -37,6 +42,7 @@ from unlearn.loop import (
 )
 from unlearn.models import LoraSettings, frozen_copy, load_model, load_tokenizer, save_model
 from unlearn.objectives import EGUP, Objective, get_objective
+from unlearn.stopping import ForgetHoldoutStop
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class UnlearnData:
     proxy: list | None
     source: str
     overlap: list[str] = field(default_factory=list)
+    stop: list | None = None  # never-seen records for early stopping (unlearn.stopping)
 
 
 def resolve_source(cfg: Config) -> str:
@@ -72,13 +79,120 @@ def load_unlearn_data(cfg: Config) -> UnlearnData:
         forget = load_texts(source, data.forget_split)
         retain = load_texts(source, data.retain_split)
         proxy = load_texts(source, data.proxy_split) if data.proxy_split else None
-        return UnlearnData(forget, retain, None, proxy, source)
+        return UnlearnData(forget, retain, None, proxy, source, stop=stop_records(cfg, source))
     forget = load_qa(source, data.forget_split)
     retain = load_qa(source, data.retain_split)
     retain, overlap = check_overlap(forget, retain, drop=data.drop_overlap)
     full = load_qa(source, data.full_split) if data.full_split else None
     proxy = load_qa(source, data.proxy_split) if data.proxy_split else None
-    return UnlearnData(forget, retain, full, proxy, source, overlap)
+    stop = stop_records(cfg, source)
+    if stop is not None:
+        check_never_seen(stop, {"forget": forget, "retain": retain, "full": full or []})
+    return UnlearnData(forget, retain, full, proxy, source, overlap, stop)
+
+
+def stop_split(cfg: Config) -> tuple[str | None, bool]:
+    """The early-stopping split and whether the user named it (False: the default)."""
+    stop = cfg.stop
+    if not stop.enabled:
+        return None, False
+    if stop.split is not None:
+        return stop.split, True
+    match = re.fullmatch(r"forget(\d+)", cfg.data.forget_split)
+    return (f"validation{match.group(1)}" if match and cfg.data.benchmark == "tofu" else None), False
+
+
+def stop_records(cfg: Config, source: str) -> list | None:
+    """The never-seen records of ``stop.split``; None when stopping is off or its default split
+    is not in the source (training then runs every epoch, and a warning says so)."""
+    split, named = stop_split(cfg)
+    if split is None:
+        if cfg.stop.enabled:
+            log.warning("early stopping is off: name a split of never-seen records in stop.split")
+        return None
+    load = load_texts if cfg.data.benchmark == "muse" else load_qa
+    try:
+        records = load(source, split)
+    except SplitNotFound as exc:
+        if named:
+            raise DataError(f"stop.split: {exc}") from None
+        log.warning("early stopping is off: %s (set stop.split to never-seen records, or "
+                    "stop.enabled=false to silence this)", exc)
+        return None
+    return records if cfg.data.benchmark == "muse" else without_eval_holdout(cfg, source, split, records)
+
+
+def without_eval_holdout(cfg: Config, source: str, split: str, records: list) -> list:
+    """The stop split minus the evaluation's holdout (real TOFU nests holdout01 in holdout10):
+    the gate judges a stopping point on records the stopping rule never looked at."""
+    holdout = cfg.eval.holdout_split or holdout_split_for(cfg.data.forget_split)
+    try:
+        held = load_qa(source, holdout) if holdout else []
+    except SplitNotFound:
+        return records
+    shared = set(shared_questions(held, records))
+    if len(shared) == len(records):
+        raise DataError(f"stop.split: every record of {split!r} is in the evaluation's holdout "
+                        f"{holdout!r}; the gate would judge a stopping point chosen on its own data "
+                        "(use other never-seen records)")
+    if shared:
+        log.info("stop.split: %d record(s) of %s also in the evaluation's holdout %s left out",
+                 len(shared), split, holdout)
+    return [r for r in records if r.question not in shared]
+
+
+def build_stopper(cfg: Config, pad_token_id: int, forget_features: list, stop_features: list | None, *,
+                  target: float | None = None, reference: str | None = None, rank: int = 0,
+                  world: int = 1, gather=None) -> ForgetHoldoutStop | None:
+    """The early-stopping rule of this run, or None when it is off (no stop split).
+
+    Its target is ``target`` when given (Ray workers get the driver's), else :func:`stop_target`.
+    """
+    if stop_features is None:
+        return None
+    size = cfg.stop.batch_size
+    forget = make_batches(forget_features, size, pad_token_id)
+    stop = make_batches(stop_features, size, pad_token_id)
+    if target is None:
+        target = stop_target(cfg, forget, stop, reference)
+    return ForgetHoldoutStop(forget, stop, auc=target, min_epochs=cfg.stop.min_epochs, rank=rank,
+                             world=world, gather=gather)
+
+
+def stop_target(cfg: Config, forget: list, stop: list, reference: str | None) -> float:
+    """``stop.auc``, else the AUC that the reference (retain) model gives forget vs the stop split
+    (what never having seen the forget set looks like on these records), else chance (0.5)."""
+    if cfg.stop.auc is not None:
+        return cfg.stop.auc
+    if reference is None or Path(reference).suffix == ".json":
+        log.warning("early stopping at AUC 0.5: %s", "no reference model given" if reference is None
+                    else f"the reference {reference} is an eval JSON, not a model")
+        return 0.5
+    target = ForgetHoldoutStop(forget, stop).measure(load_model(reference))
+    log.info("early stopping once the forget set's Min-k AUC against %s is at most %.3f (the "
+             "reference model's)", stop_split(cfg)[0], target)
+    return target
+
+
+def stop_record(stopper: ForgetHoldoutStop | None, stopped_at: int | None, epochs: int) -> dict | None:
+    """What early stopping did, for the run's record and summary."""
+    if stopper is None:
+        return None
+    if stopped_at is None:
+        log.warning("early stopping: the forget set's AUC did not reach %.3f in %d epochs (last %s)",
+                    stopper.auc, epochs, f"{stopper.history[-1][1]:.3f}" if stopper.history else "n/a")
+    return {"target_auc": stopper.auc, "stopped_after_epochs": stopped_at,
+            "auc_by_epoch": {str(epoch): auc for epoch, auc in stopper.history}}
+
+
+def check_never_seen(stop: list, seen: dict[str, list]) -> None:
+    """Early stopping compares the forget set with records the model never saw: refuse a
+    ``stop.split`` that shares questions with the training data."""
+    for name, records in seen.items():
+        shared = shared_questions(records, stop)
+        if shared:
+            raise DataError(f"stop.split shares {len(shared)} question(s) with the {name} split "
+                            f"(e.g. {shared[0]!r}): it must hold records the model never saw")
 
 
 def encode_records(tokenizer, records: list, *, max_length: int,
@@ -219,12 +333,14 @@ def lora_settings(cfg: Config) -> LoraSettings | None:
                         target_modules=tuple(lora.target_modules))
 
 
-def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool = True,
-                   on_step: Callable[[dict], None] | None = None) -> dict:
+def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str | None = None,
+                   progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
     """Unlearn ``cfg.data.forget_split`` from ``model_path`` (default: the configured model).
 
-    Returns the step history, the forget-set Prob and retain loss before and after, and the
-    folder of the saved model (``output_dir/unlearned``).
+    ``reference`` (default ``eval.reference``): the retain model, whose view of the stop split
+    sets where early stopping stops (``unlearn.stopping``). Returns the step history, the
+    forget-set Prob and retain loss before and after, the early-stopping record and the folder of
+    the saved model (``output_dir/unlearned``).
     """
     spec = model_path or cfg.model.name_or_path
     torch.manual_seed(cfg.train.seed)
@@ -243,6 +359,9 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool
                        gradient_checkpointing=cfg.model.gradient_checkpointing)
     ref_model = frozen_copy(model) if objective.needs_ref else None
     dual = build_dual(cfg, objective)
+    stop_features = None if data.stop is None else encode_records(tokenizer, data.stop, max_length=max_length)
+    stopper = build_stopper(cfg, pad, forget_features, stop_features,
+                            reference=reference or cfg.eval.reference)
     before = {"forget_prob": mean_prob(model, eval_forget), "retain_loss": mean_nll(model, eval_retain)}
     if dual is not None:
         dual.calibrate(before["retain_loss"])
@@ -266,7 +385,11 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool
                           chunk_size=t.loss_chunk_size, backward_per_term=t.backward_per_term)
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
+    stopped_at = None
     for epoch in range(t.epochs):
+        if stopper is not None and stopper.should_stop(model, epoch):
+            stopped_at = epoch
+            break
         forget = make_batches(forget_features, t.batch_size, pad, shuffle=True, seed=t.seed + epoch,
                               bucket=t.bucket_by_length)
         retain = make_batches(retain_features, t.batch_size, pad, shuffle=True,
@@ -289,6 +412,7 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, progress: bool
         "method": objective.name, "params": objective.params, "before": before, "after": after,
         "eps": float(dual.eps) if dual is not None else None, "history": history,
         "model_dir": str(out_dir), "overlap_dropped": len(data.overlap),
+        "stop": stop_record(stopper, stopped_at, t.epochs),
     }
     (Path(cfg.output_dir) / "unlearn.json").write_text(json.dumps(result, indent=2, default=str))
     return result

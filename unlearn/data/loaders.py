@@ -212,14 +212,20 @@ def _normalise(question: str) -> str:
     return " ".join(question.split()).casefold()
 
 
+def shared_questions(first: list[QARecord], second: list[QARecord]) -> list[str]:
+    """The questions of ``second`` also asked in ``first`` (whitespace and case ignored)."""
+    asked = {_normalise(r.question) for r in first}
+    return [r.question for r in second if _normalise(r.question) in asked]
+
+
 def check_overlap(forget: list[QARecord], retain: list[QARecord], *,
                   drop: bool = False) -> tuple[list[QARecord], list[str]]:
     """Retain records whose question is also in the forget set: reported, dropped on request."""
-    forget_questions = {_normalise(r.question) for r in forget}
-    overlap = [r.question for r in retain if _normalise(r.question) in forget_questions]
+    overlap = shared_questions(forget, retain)
     if overlap:
         log.warning("%d retain question(s) also appear in the forget set%s", len(overlap),
                     "; dropped from retain" if drop else "")
     if drop and overlap:
-        retain = [r for r in retain if _normalise(r.question) not in forget_questions]
+        dropped = {_normalise(q) for q in overlap}
+        retain = [r for r in retain if _normalise(r.question) not in dropped]
     return retain, overlap

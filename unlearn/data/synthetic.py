@@ -17,6 +17,7 @@ from pathlib import Path
 from unlearn.data.records import QARecord, VerbatimRecord
 
 N_PERTURBED = 5
+TOFU_GENERATOR = 2  # bumped when the generated splits change: cached folders are rebuilt
 
 _FIRST = ["Ve", "Ka", "Lo", "Mi", "Tor", "Sa", "Eli", "Ba", "Ru", "Quen", "Ya", "Dor", "Fe", "Ni", "Ori"]
 _FIRST_END = ["lora", "rin", "vian", "dra", "mas", "nel", "sha", "tor", "wen", "lio", "ra", "bek"]
@@ -203,7 +204,12 @@ def _strip_extras(records: list[QARecord]) -> list[QARecord]:
 
 def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
                   n_holdout_authors: int = 4) -> dict[str, list[QARecord]]:
-    """A TOFU-format data set of ``n_authors`` fictitious authors (split by author, tail = forget)."""
+    """A TOFU-format data set of ``n_authors`` fictitious authors (split by author, tail = forget).
+
+    Beside TOFU's splits, ``validationXX`` holds twice as many never-seen authors as
+    ``forgetXX``, disjoint from ``holdoutXX``: for decisions made during training (early
+    stopping), so the evaluation's holdout stays unseen by them.
+    """
     if n_authors < 2:
         raise ValueError("n_authors must be >= 2 (at least one forget and one retain author)")
     if not 1 <= qa_per_author <= len(_FACTS):
@@ -227,10 +233,28 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
         splits[f"holdout{pct:02d}"] = _indexed(_strip_extras(holdout))
     retain90 = [r for author in authors[:-max(1, round(n_authors * 0.1))] for r in author]
     size = len(splits["forget10"])
+    splits.update(_validation_splits(seed, names, qa_per_author, n_authors, percents))
     splits["retain_perturbed"] = _indexed(sorted(rng.sample(retain90, min(size, len(retain90))),
                                                  key=retain90.index))
     splits["real_authors_perturbed"] = _general_split(_REAL_AUTHORS, rng)
     splits["world_facts_perturbed"] = _general_split(_WORLD_FACTS, rng)
+    return splits
+
+
+def _validation_splits(seed: int, taken: list[str], qa_per_author: int, n_authors: int,
+                       percents: list[int]) -> dict[str, list[QARecord]]:
+    # A stream of its own: adding these splits left every other split as it was.
+    rng = random.Random(f"validation-{seed}")
+    most = 2 * max(max(1, round(n_authors * pct / 100)) for pct in percents)
+    names: list[str] = []
+    for name in _author_names(rng, most + len(taken)):
+        if name not in taken and len(names) < most:
+            names.append(name)
+    authors = [_author_records(name, rng, qa_per_author) for name in names]
+    splits = {}
+    for pct in percents:
+        count = 2 * max(1, round(n_authors * pct / 100))
+        splits[f"validation{pct:02d}"] = _indexed(_strip_extras([r for a in authors[:count] for r in a]))
     return splits
 
 
@@ -248,7 +272,8 @@ def write_tofu(splits: dict[str, list[QARecord]], out_dir: str | Path, fmt: str 
             path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
         else:
             path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    manifest = {"format": "tofu", "seed": seed, "splits": {k: len(v) for k, v in splits.items()}}
+    manifest = {"format": "tofu", "generator": TOFU_GENERATOR, "seed": seed,
+                "splits": {k: len(v) for k, v in splits.items()}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 
@@ -347,12 +372,18 @@ def corpus_texts(splits: dict[str, list]) -> list[str]:
     return texts
 
 
+def _current(manifest: Path, benchmark: str) -> bool:
+    if not manifest.is_file():
+        return False
+    return benchmark != "tofu" or json.loads(manifest.read_text()).get("generator") == TOFU_GENERATOR
+
+
 def synthetic_source(benchmark: str, root: str | Path, *, seed: int = 0, authors: int = 20) -> Path:
     """A folder with the seeded synthetic data set, generated on first use under ``root``."""
     name = f"{benchmark}-seed{seed}" if benchmark == "muse" or authors == 20 else \
         f"{benchmark}-seed{seed}-authors{authors}"
     out = Path(root) / name
-    if not (out / "manifest.json").is_file():
+    if not _current(out / "manifest.json", benchmark):
         if benchmark == "tofu":
             write_tofu(generate_tofu(seed=seed, n_authors=authors), out, seed=seed)
         elif benchmark == "muse":
