@@ -149,3 +149,19 @@ def test_stopping_after_one_epoch_keeps_that_epochs_steps_only(tmp_path):
     assert result["stop"]["stopped_after_epochs"] == 1
     assert {int(m["epoch"]) for m in result["history"]} == {0}
     assert len(result["history"]) == 4  # 16 forget records, batch 4
+
+
+def test_forget_command_takes_its_stopping_target_from_a_relative_reference(tmp_path, monkeypatch, capsys,
+                                                                           caplog):
+    from unlearn import cli
+    from unlearn.models import save_model
+
+    monkeypatch.chdir(tmp_path)
+    save_model(load_model("tiny"), load_tokenizer("tiny"), tmp_path / "ref")
+    (tmp_path / "run.yaml").write_text("output_dir: out\ntrain:\n  epochs: 1\n")
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["forget", "run.yaml", "--model", "tiny", "--reference", "ref"]) == 0
+    assert "early stopping:" in capsys.readouterr().out
+    assert "(the reference model's)" in caplog.text
+    stop = json.loads((tmp_path / "out" / "unlearn.json").read_text())["stop"]
+    assert stop["stopped_after_epochs"] is None and stop["auc_by_epoch"] == {}  # one epoch, no check

@@ -21,6 +21,9 @@ from unlearn.config import ConfigError, build_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = '{"dual.rho": {"uniform": [0.5, 3.0]}, "method.params.top_k": {"choice": [5, 20, 100]}}'
+# One Ray Train worker per trial: these tests check the search, not FSDP (test_pipeline does);
+# a second worker process per trial cost ~10 s of start-up on 2 cores.
+ONE_WORKER = "ray.num_workers=1"
 
 
 def test_pareto_front_by_hand():
@@ -57,7 +60,7 @@ def test_tune_runs_child_trials_plots_the_pareto_front_and_registers_the_best(fi
     cfg = build_config({}, [f"output_dir={tmp_path / 'out'}", "run_name=tune-test", f"data.source={source}",
                             "train.epochs=1", "eval.max_new_tokens=16", f"mlflow.tracking_uri={uri}",
                             "tune.num_samples=3", f"tune.search_space={SPACE}", "registry.model_name=tuned",
-                            gate])
+                            ONE_WORKER, gate])
     summary = run_tune(cfg, report["target"], reference=report["retain"])
     trials = summary["trials"]
     assert len(trials) == 3 and all(t["status"] == "done" for t in trials)
@@ -105,7 +108,7 @@ def test_best_trial_follows_the_metric_and_its_direction():
 def _tune_config(tmp_path, source, overrides):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, [f"output_dir={tmp_path / 'out'}", f"data.source={source}", "eval.max_new_tokens=16",
-                 f"mlflow.tracking_uri={uri}", "tune.max_concurrent_trials=1", *overrides]
+                 f"mlflow.tracking_uri={uri}", "tune.max_concurrent_trials=1", ONE_WORKER, *overrides]
 
 
 def _children(client, parent_id):
