@@ -459,19 +459,20 @@ def driver_stop_target(cfg: Config, data, spec: str, reference: str | None) -> f
     tokenizer = load_tokenizer(spec)
     features = [encode_records(tokenizer, records, max_length=cfg.data.max_length)
                 for records in (data.forget, data.stop)]
-    return build_stopper(cfg, tokenizer.pad_token_id, *features, reference=reference or cfg.eval.reference).auc
+    stopper = build_stopper(cfg, tokenizer.pad_token_id, *features, reference=reference or cfg.eval.reference)
+    return stopper.auc
 
 
 def stop_summary(client, run_id: str, final: dict, target: float | None) -> dict | None:
-    """Early stopping's record (as ``unlearn.workflow.stop_record``) from the worker's last report
-    and the ``stop_auc`` metric that rank 0 logged at each check (its MLflow step: epochs done)."""
+    """Early stopping's record from the worker's last report and the ``stop_auc`` metric that
+    rank 0 logged at each check (its MLflow step: epochs done)."""
+    from unlearn.workflow import stop_record
+
     if target is None:
         return None
     stopped = final.get("stopped_after_epochs", -1)
-    aucs = {str(m.step): m.value for m in sorted(client.get_metric_history(run_id, "stop_auc"),
-                                                  key=lambda m: m.step)}
-    return {"target_auc": target, "stopped_after_epochs": None if stopped < 0 else int(stopped),
-            "auc_by_epoch": aucs}
+    aucs = {m.step: m.value for m in client.get_metric_history(run_id, "stop_auc")}
+    return stop_record(target, None if stopped < 0 else int(stopped), aucs)
 
 
 def run_demo_pipeline(cfg: Config) -> dict:

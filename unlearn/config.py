@@ -114,7 +114,8 @@ class DualConfig(_Strict):
 
 class TrainConfig(_Strict):
     lr: float = Field(2e-4, gt=0)
-    epochs: int = Field(30, ge=1, description="at most; early stopping (the stop section) usually ends sooner")
+    epochs: int = Field(30, ge=1, description="at most; early stopping (the stop section) usually "
+                        "ends sooner")
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     weight_decay: float = Field(0.01, ge=0)

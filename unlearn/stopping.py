@@ -83,9 +83,9 @@ class ForgetHoldoutStop:
         was_training = model.training
         model.eval()
         try:
-            score = lambda batches: sharded_scores(model, batches, rank=self.rank, world=self.world,
-                                                   gather=self.gather)
-            return metrics.mia_auc(score(self.forget), score(self.holdout))
+            forget, holdout = (sharded_scores(model, batches, rank=self.rank, world=self.world,
+                                              gather=self.gather) for batches in (self.forget, self.holdout))
+            return metrics.mia_auc(forget, holdout)
         finally:
             model.train(was_training)
 

@@ -174,15 +174,10 @@ def stop_target(cfg: Config, forget: list, stop: list, reference: str | None) ->
     return target
 
 
-def stop_record(stopper: ForgetHoldoutStop | None, stopped_at: int | None, epochs: int) -> dict | None:
-    """What early stopping did, for the run's record and summary."""
-    if stopper is None:
-        return None
-    if stopped_at is None:
-        log.warning("early stopping: the forget set's AUC did not reach %.3f in %d epochs (last %s)",
-                    stopper.auc, epochs, f"{stopper.history[-1][1]:.3f}" if stopper.history else "n/a")
-    return {"target_auc": stopper.auc, "stopped_after_epochs": stopped_at,
-            "auc_by_epoch": {str(epoch): auc for epoch, auc in stopper.history}}
+def stop_record(target: float, stopped_at: int | None, auc_by_epoch: dict[int, float]) -> dict:
+    """What early stopping did, for the run's record and summary (one process and Ray alike)."""
+    return {"target_auc": target, "stopped_after_epochs": stopped_at,
+            "auc_by_epoch": {str(epoch): auc for epoch, auc in sorted(auc_by_epoch.items())}}
 
 
 def check_never_seen(stop: list, seen: dict[str, list]) -> None:
@@ -406,13 +401,16 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("forget_loss", "retain_loss", "lam")
                              if k in metrics})
     bar.close()
+    if stopper is not None and stopped_at is None:
+        log.warning("early stopping: the forget set's AUC did not reach %.3f in %d epochs (last %s)",
+                    stopper.auc, t.epochs, f"{stopper.history[-1][1]:.3f}" if stopper.history else "n/a")
     after = {"forget_prob": mean_prob(model, eval_forget), "retain_loss": mean_nll(model, eval_retain)}
     out_dir = save_model(model, tokenizer, Path(cfg.output_dir) / "unlearned")
     result = {
         "method": objective.name, "params": objective.params, "before": before, "after": after,
         "eps": float(dual.eps) if dual is not None else None, "history": history,
         "model_dir": str(out_dir), "overlap_dropped": len(data.overlap),
-        "stop": stop_record(stopper, stopped_at, t.epochs),
+        "stop": None if stopper is None else stop_record(stopper.auc, stopped_at, dict(stopper.history)),
     }
     (Path(cfg.output_dir) / "unlearn.json").write_text(json.dumps(result, indent=2, default=str))
     return result

@@ -14,8 +14,8 @@ from unlearn.data.synthetic import (
 from unlearn.data.tokenize import answer_text, collate, encode_qa, encode_text, format_prompt, prompt_ids
 
 __all__ = [
-    "DataError", "QARecord", "SplitNotFound", "VerbatimRecord", "answer_text", "check_overlap", "collate", "shared_questions",
-    "corpus_texts", "diff_spans", "encode_qa", "encode_text", "format_prompt", "prompt_ids", "generate_muse",
-    "generate_tofu", "load_qa", "load_texts", "load_verbatim", "read_rows", "sensitive_spans",
-    "write_muse", "write_tofu",
+    "DataError", "QARecord", "SplitNotFound", "VerbatimRecord", "answer_text", "check_overlap",
+    "collate", "shared_questions", "corpus_texts", "diff_spans", "encode_qa", "encode_text",
+    "format_prompt", "prompt_ids", "generate_muse", "generate_tofu", "load_qa", "load_texts",
+    "load_verbatim", "read_rows", "sensitive_spans", "write_muse", "write_tofu",
 ]
