@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,16 +58,35 @@ def _tokenizer(spec: str):
 def tokenize_batch(batch: dict[str, np.ndarray], *, tokenizer_spec: str, max_length: int,
                    prefix_tokens: int | None = None) -> dict[str, np.ndarray]:
     """``map_batches`` function: records -> tensor columns (the tokenizer is loaded once per
-    Ray worker process and kept, so every data set of a run reuses it)."""
-    records = [_record(payload) for payload in batch["record"]]
-    features = encode_records(_tokenizer(tokenizer_spec), records, max_length=max_length,
-                              prefix_tokens=prefix_tokens)
-    out: dict[str, np.ndarray] = {"sample_id": np.asarray(batch["sample_id"], dtype=np.int64)}
+    Ray worker process and kept, so every data set of a run reuses it). A raw text gives one
+    row per ``max_length`` window, each with the text's ``sample_id``."""
+    tokenizer = _tokenizer(tokenizer_spec)
+    ids, features = [], []
+    for sample_id, payload in zip(batch["sample_id"], batch["record"]):
+        for feature in encode_records(tokenizer, [_record(payload)], max_length=max_length,
+                                      prefix_tokens=prefix_tokens):
+            ids.append(sample_id)
+            features.append(feature)
+    out: dict[str, np.ndarray] = {"sample_id": np.asarray(ids, dtype=np.int64)}
     for column in TENSOR_COLUMNS:
-        if column in features[0]:
+        if features and column in features[0]:
             out[column] = np.array([np.asarray(f[column], dtype=np.int64) for f in features] + [None],
                                    dtype=object)[:-1]
     return out
+
+
+def tokenize(dataset, tokenizer_spec: str, *, max_length: int, prefix_tokens: int | None = None,
+             num_cpus: float = 1.0):
+    """``dataset`` (``sample_id``, ``record`` columns) tokenised lazily by ``map_batches`` tasks.
+
+    Tasks, not an actor pool: Ray reuses its worker processes across tasks and data sets, so the
+    imports and the tokenizer are paid once per process, not once per data set (an actor pool
+    per data set cost ~10 s each on 2 cores).
+    """
+    return dataset.map_batches(
+        tokenize_batch, fn_kwargs={"tokenizer_spec": tokenizer_spec, "max_length": max_length,
+                                   "prefix_tokens": prefix_tokens},
+        batch_size=64, batch_format="numpy", num_cpus=num_cpus)
 
 
 def tokenized_dataset(records: Sequence, tokenizer_spec: str, *, max_length: int,
@@ -75,34 +94,38 @@ def tokenized_dataset(records: Sequence, tokenizer_spec: str, *, max_length: int
     """A materialised Ray Dataset of tokenised rows."""
     import ray
 
-    dataset = ray.data.from_items(record_rows(records))
-    # Tasks, not an actor pool: Ray reuses its worker processes across tasks and data sets, so
-    # the imports and the tokenizer are paid once per process, not once per data set (an actor
-    # pool per data set cost ~10 s each on 2 cores).
-    tokenized = dataset.map_batches(
-        tokenize_batch, fn_kwargs={"tokenizer_spec": tokenizer_spec, "max_length": max_length,
-                                   "prefix_tokens": prefix_tokens},
-        batch_size=64, batch_format="numpy",
-    )
+    tokenized = tokenize(ray.data.from_items(record_rows(records)), tokenizer_spec, max_length=max_length,
+                         prefix_tokens=prefix_tokens)
     # Tokenised now, while the CPUs are free: once the training workers hold every CPU of a small
     # cluster, a lazy tokeniser would wait for one forever.
     return tokenized.materialize()
 
 
+def batch_features(batch: dict[str, np.ndarray]) -> Iterator[dict]:
+    """The rows of one numpy batch of tokenised columns, as feature dicts."""
+    columns = [c for c in batch if c in TENSOR_COLUMNS]
+    for i, sample_id in enumerate(batch["sample_id"]):
+        feature = {c: batch[c][i].tolist() for c in columns}
+        feature["sample_id"] = int(sample_id)
+        yield feature
+
+
+def features_of(iterable) -> list[dict]:
+    """Every row of a dataset or dataset shard, as feature dicts ordered by ``sample_id`` (then
+    by arrival: the windows of one text keep their order), renumbered 0..n-1."""
+    rows = [f for batch in iterable.iter_batches(batch_size=256, batch_format="numpy")
+            for f in batch_features(batch)]
+    rows.sort(key=lambda f: f["sample_id"])
+    for index, feature in enumerate(rows):
+        feature["sample_id"] = index
+    return rows
+
+
 def pull_features(name: str) -> list[dict]:
-    """All rows of dataset ``name`` on this worker, as feature dicts ordered by ``sample_id``."""
+    """All rows of dataset ``name`` on this worker (see :func:`features_of`)."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard(name)
-    rows = []
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        columns = [c for c in batch if c in TENSOR_COLUMNS]
-        for i, sample_id in enumerate(batch["sample_id"]):
-            feature = {c: [int(v) for v in batch[c][i]] for c in columns}
-            feature["sample_id"] = int(sample_id)
-            rows.append(feature)
-    rows.sort(key=lambda f: f["sample_id"])
-    return rows
+    return features_of(ray.train.get_dataset_shard(name))
 
 
 def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

@@ -31,21 +31,15 @@ class Registration:
     version: str | None  # None: not registered (gate failed, or no registry.model_name)
 
 
-def fingerprint(records: list) -> str:
-    """SHA-256 of the forget records (order-independent): which data this model forgot."""
-    rows = sorted(json.dumps(r if isinstance(r, str) else r.to_dict(), sort_keys=True) for r in records)
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
-
-
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def lineage(cfg, base_model: str, forget_records: list, run_id: str, **extra) -> dict:
-    """What a registered version came from: the tags and the model card's first paragraph."""
+def lineage(cfg, base_model: str, forget: tuple[int, str], run_id: str, **extra) -> dict:
+    """What a registered version came from: the tags and the model card's first paragraph.
+    ``forget``: the forget set's record count and fingerprint."""
     return {"base_model": base_model, "method": cfg.method.name, "forget_split": cfg.data.forget_split,
-            "data": str(cfg.data.source), "forget_records": len(forget_records),
-            "forget_fingerprint": fingerprint(forget_records),
+            "data": str(cfg.data.source), "forget_records": forget[0], "forget_fingerprint": forget[1],
             "config_hash": config_hash(cfg.model_dump(mode="json")), "mlflow_run_id": run_id, **extra}
 
 

@@ -75,14 +75,17 @@ def check_resources(cfg: Config) -> None:
 
     r = cfg.ray
     total = ray.cluster_resources()
-    need = {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers if r.use_gpu else 0}
+    need = {"CPU": r.num_workers * r.cpus_per_worker + (r.data_cpus if cfg.data.streaming else 0),
+            "GPU": r.num_workers if r.use_gpu else 0}
     need.update({k: v * r.num_workers for k, v in r.resources_per_worker.items()})
     short = {k: (v, total.get(k, 0)) for k, v in need.items() if v and v > total.get(k, 0)}
     if short:
         detail = ", ".join(f"{k}: {want:g} needed, {have:g} in the cluster"
                            for k, (want, have) in short.items())
         raise PipelineError(f"ray.num_workers={r.num_workers} do not fit the cluster ({detail}); lower "
-                            "ray.num_workers or ray.cpus_per_worker")
+                            "ray.num_workers or ray.cpus_per_worker"
+                            + (" (data.streaming keeps ray.data_cpus free for reading and tokenising)"
+                               if cfg.data.streaming else ""))
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -292,6 +295,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.data import tokenized_dataset
+    from pipelines.stream import plan_streams
     from pipelines.ray_env import ensure_ray
     from unlearn.demo import evaluate_stage
     from unlearn.eval import compare_table
@@ -307,12 +311,15 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         raise PipelineError("model.lora is not supported by the Ray pipeline yet; use `unlearn forget`")
     # 1. everything that can be wrong, before any worker starts
     objective = build_objective(cfg)
-    data = load_unlearn_data(cfg)
+    check_streaming(cfg, objective)
+    data = StreamInputs(cfg) if cfg.data.streaming else load_unlearn_data(cfg)
     check_model(spec)
     uri = tracking_uri(cfg)
     check_mlflow(uri)
     ensure_ray(log_to_driver=cfg.ray.verbose)
     check_resources(cfg)
+    if cfg.data.streaming:  # one validating pass over the files, on the cluster
+        data.plan = plan_streams(cfg, spec, objective, data.source, data.stop)
     storage = cfg.ray.storage_path or str(out / "ray")
     run_id, resumed = start_or_resume_run(cfg, uri, run_identity(cfg, spec, storage), parent_run_id)
     client = MlflowClient(uri)
@@ -334,15 +341,19 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         log_evaluation(client, run_id, "before", results["before"], eval_dir)
 
     # 3. unlearn on Ray Train
-    datasets = {"forget": tokenized_dataset(data.forget, spec, max_length=cfg.data.max_length,
-                                            prefix_tokens=objective.prefix_tokens())}
-    if objective.wants_retain():  # the dual's methods want it too (calibration, constraint)
-        datasets["retain"] = tokenized_dataset(data.retain, spec, max_length=cfg.data.max_length)
-    if data.proxy is not None and objective.name == "egup":
-        datasets["proxy"] = tokenized_dataset(data.proxy, spec, max_length=cfg.data.max_length)
     r = cfg.ray
     loop_config = {"config": cfg.model_dump(mode="json"), "model": spec, "run_id": run_id,
                    "tracking_uri": uri, "storage_path": str(storage), "ray_name": ray_name}
+    if cfg.data.streaming:
+        datasets = dict(data.plan.datasets)
+        loop_config["stream_rows"] = data.plan.rows
+    else:
+        datasets = {"forget": tokenized_dataset(data.forget, spec, max_length=cfg.data.max_length,
+                                                prefix_tokens=objective.prefix_tokens())}
+        if objective.wants_retain():  # the dual's methods want it too (calibration, constraint)
+            datasets["retain"] = tokenized_dataset(data.retain, spec, max_length=cfg.data.max_length)
+        if data.proxy is not None and objective.name == "egup":
+            datasets["proxy"] = tokenized_dataset(data.proxy, spec, max_length=cfg.data.max_length)
     if data.stop is not None:
         datasets["stop"] = tokenized_dataset(data.stop, spec, max_length=cfg.data.max_length)
         loop_config["stop_auc"] = driver_stop_target(cfg, data, spec, reference)
@@ -368,7 +379,8 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
                              callbacks=callbacks),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),
+        dataset_config=DataConfig(datasets_to_split=[n for n in STREAMED if n in datasets]
+                                  if cfg.data.streaming else []),
     )
     print(f"unlearning {cfg.data.forget_split} with {objective.name} on {r.num_workers} FSDP2 worker(s); "
           f"checkpoints in {storage}/{ray_name}"
@@ -412,7 +424,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
             client, run_id, model_uri, rules=cfg.gate.rules, after=results["after"]["aggregates"],
             before=results.get("before", {}).get("aggregates"), reasons=results["after"]["unavailable"],
             model_name=cfg.registry.model_name,
-            lineage=lineage(cfg, spec, data.forget, run_id, data=resolve_source(cfg)))
+            lineage=lineage(cfg, spec, data.forget_identity(), run_id, data=resolve_source(cfg)))
         gate, version = registration.gate.to_dict(), registration.version
     summary = {
         "gate": gate, "registered_version": version,
@@ -452,15 +464,49 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
 
 
 def driver_stop_target(cfg: Config, data, spec: str, reference: str | None) -> float:
-    """Early stopping's target AUC, measured once on the driver (``unlearn.workflow.stop_target``)."""
+    """Early stopping's target AUC, measured once on the driver (``unlearn.workflow.stop_target``);
+    a streamed run measures it on the forget set's sample."""
+    from pipelines.data import features_of
     from unlearn.models import load_tokenizer
     from unlearn.workflow import build_stopper, encode_records
 
     tokenizer = load_tokenizer(spec)
-    features = [encode_records(tokenizer, records, max_length=cfg.data.max_length)
-                for records in (data.forget, data.stop)]
-    stopper = build_stopper(cfg, tokenizer.pad_token_id, *features, reference=reference or cfg.eval.reference)
+    stop = encode_records(tokenizer, data.stop, max_length=cfg.data.max_length)
+    if cfg.data.streaming:
+        forget = features_of(data.plan.datasets["forget_sample"])
+    else:
+        forget = encode_records(tokenizer, data.forget, max_length=cfg.data.max_length)
+    stopper = build_stopper(cfg, tokenizer.pad_token_id, forget, stop,
+                            reference=reference or cfg.eval.reference)
     return stopper.auc
+
+
+STREAMED = ("forget", "retain")  # split equally among the workers; the other sets go whole to each
+
+
+class StreamInputs:
+    """A streamed run's inputs on the driver: the source and the (small) stop split; the
+    training sets stay files until :func:`pipelines.stream.plan_streams` scans them."""
+
+    def __init__(self, cfg: Config) -> None:
+        from unlearn.workflow import resolve_source, stop_records
+
+        self.source = resolve_source(cfg)
+        self.stop = stop_records(cfg, self.source)
+        self.plan = None
+
+    def forget_identity(self) -> tuple[int, str]:
+        return self.plan.forget_identity()
+
+
+def check_streaming(cfg: Config, objective) -> None:
+    """Options a streamed run cannot honour, refused before anything starts."""
+    if not cfg.data.streaming:
+        return
+    if objective.name == "egup" and objective.params.get("use_intra"):
+        raise PipelineError("method egup with use_intra keeps every forget sample's initial embedding, "
+                            "which a streamed run does not hold: set method.params.use_intra=false or "
+                            "data.streaming=false")
 
 
 def stop_summary(client, run_id: str, final: dict, target: float | None) -> dict | None:

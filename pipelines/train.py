@@ -14,6 +14,7 @@ last report carries the exported Hugging Face folder (gathered full state dict, 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -260,8 +261,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     objective = build_objective(cfg)
     tokenizer = load_tokenizer(spec)
     pad = tokenizer.pad_token_id
-    forget = pull_features("forget")
-    retain = pull_features("retain") if "retain" in loop_config["datasets"] else None
+    streaming = "stream_rows" in loop_config
+    # Streamed: the whole-set uses (calibration, EGUP, early stopping) take bounded samples.
+    forget = pull_features("forget_sample" if streaming else "forget")
+    retain_name = "retain_sample" if streaming else "retain"
+    retain = pull_features(retain_name) if retain_name in loop_config["datasets"] else None
     proxy = pull_features("proxy") if "proxy" in loop_config["datasets"] else None
     stop_rows = pull_features("stop") if "stop" in loop_config["datasets"] else None
 
@@ -284,13 +288,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = make_batches(features, t.batch_size, pad)
         return [to_device(rank_slice(b, rank, world)) for b in batches if len(b["input_ids"]) >= world]
 
-    def pairs_for(epoch):
-        pairs = epoch_pairs(forget, retain if objective.wants_retain() else None, batch_size=t.batch_size,
-                            pad_token_id=pad, seed=t.seed, epoch=epoch, bucket=t.bucket_by_length,
-                            rank=rank, world=world)
-        return [(to_device(f), None if r is None else to_device(r)) for f, r in pairs]
+    if streaming:
+        from pipelines.stream import ShardStream, stream_pairs
 
-    steps_per_epoch = -(-len(pairs_for(0)) // t.grad_accum)
+        def stream_of(name):
+            return ShardStream(ray.train.get_dataset_shard(name), rows=loop_config["stream_rows"][name],
+                               world=world, batch_size=t.batch_size, pad_token_id=pad, seed=t.seed,
+                               bucket=t.bucket_by_length, shuffle_rows=cfg.data.shuffle_rows, name=name)
+
+        forget_stream = stream_of("forget")
+        # The retain stream cycles across forget epochs (each rank consumes it in step with the others).
+        retain_cycle = stream_of("retain").cycle() if "retain" in loop_config["stream_rows"] else None
+        batches_per_epoch = forget_stream.expected
+
+        def pairs_for(epoch):
+            return ((to_device(f), None if r is None else to_device(r))
+                    for f, r in stream_pairs(forget_stream, retain_cycle, epoch))
+    else:
+        def pairs_for(epoch):
+            pairs = epoch_pairs(forget, retain if objective.wants_retain() else None, batch_size=t.batch_size,
+                                pad_token_id=pad, seed=t.seed, epoch=epoch, bucket=t.bucket_by_length,
+                                rank=rank, world=world)
+            return [(to_device(f), None if r is None else to_device(r)) for f, r in pairs]
+
+        batches_per_epoch = len(pairs_for(0))
+    steps_per_epoch = -(-batches_per_epoch // t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
     optimizer = build_optimizer(model, t.lr, t.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
@@ -340,9 +362,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 log.warning("early stopping after %d epochs: forget-vs-unseen AUC %.3f <= %.3f",
                             epoch, stopper.history[-1][1], stopper.auc)
             break
-        pairs = pairs_for(epoch)
-        groups = [pairs[i:i + t.grad_accum] for i in range(0, len(pairs), t.grad_accum)]
-        for group in groups[step - epoch * steps_per_epoch:]:
+        groups = grouped(pairs_for(epoch), t.grad_accum)
+        for group in itertools.islice(groups, step - epoch * steps_per_epoch, None):
             metrics = mean_metrics(unlearner.step(group), ("loss", "forget_loss", "retain_loss", "slack",
                                                            "grad_norm", "tokens", "tokens_per_s"))
             step = unlearner.global_step
@@ -381,6 +402,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(exported)))
         else:
             ray.train.report(final, checkpoint=None)
+
+
+def grouped(pairs, size: int):
+    """Consecutive lists of ``size`` pairs (the last may be shorter): one optimizer step each."""
+    iterator = iter(pairs)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
 
 
 def _reportable(metrics: dict) -> dict:

@@ -368,7 +368,8 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
             client, best["child_run_id"], best["model_uri"], rules=cfg.gate.rules,
             after=after_metrics(client, best["child_run_id"]), before=before, reasons={},
             model_name=cfg.registry.model_name,
-            lineage=lineage(trial_cfg, spec, data.forget, best["child_run_id"], tune_parent_run_id=parent_id,
+            lineage=lineage(trial_cfg, spec, data.forget_identity(),
+                            best["child_run_id"], tune_parent_run_id=parent_id,
                             tune_trial=best["trial"]))
         verdict = "passed" if registration.gate.passed else "failed"
         print(f"best trial {best['trial']}: "

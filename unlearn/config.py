@@ -73,6 +73,12 @@ class DataConfig(_Strict):
     drop_overlap: bool = True
     synthetic_seed: int = 0
     synthetic_authors: int = Field(20, ge=2)
+    streaming: bool = Field(False, description="Ray pipeline: read, validate and tokenise on the "
+                            "cluster, each worker streaming its own shard (see README, Streaming)")
+    sample_rows: int = Field(2048, ge=1, description="streaming: rows of a set taken for the dual's "
+                             "calibration, EGUP's centroids and early stopping's forget scores")
+    shuffle_rows: int = Field(1024, ge=0, description="streaming: each worker's shuffle buffer, in "
+                              "rows (seeded per epoch); 0 = stream order")
 
 
 class MethodConfig(_Strict):
@@ -171,6 +177,8 @@ class RayConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (FSDP2 ranks)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    data_cpus: float = Field(1, gt=0, description="CPUs kept free of training workers for reading "
+                             "and tokenising (data.streaming)")
     resources_per_worker: dict[str, float] = {}
     storage_path: str | None = Field(None, description="checkpoints (shared storage or s3://...); "
                                      "default: output_dir/ray")

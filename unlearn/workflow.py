@@ -24,7 +24,7 @@ from unlearn.data import (
     check_overlap,
     collate,
     encode_qa,
-    encode_text,
+    encode_text_windows,
     load_qa,
     load_texts,
     shared_questions,
@@ -61,6 +61,12 @@ class UnlearnData:
     source: str
     overlap: list[str] = field(default_factory=list)
     stop: list | None = None  # never-seen records for early stopping (unlearn.stopping)
+
+    def forget_identity(self) -> tuple[int, str]:
+        """The forget set's record count and fingerprint (the registry's lineage)."""
+        from unlearn.data.loaders import fingerprint, record_digest
+
+        return len(self.forget), fingerprint(record_digest(r) for r in self.forget)
 
 
 def resolve_source(cfg: Config) -> str:
@@ -192,15 +198,16 @@ def check_never_seen(stop: list, seen: dict[str, list]) -> None:
 
 def encode_records(tokenizer, records: list, *, max_length: int,
                    prefix_tokens: int | None = None) -> list[dict]:
-    """Tokenise QA records (or raw texts) and tag each with its ``sample_id`` (row index)."""
+    """Tokenise QA records (or raw texts, cut into ``max_length`` windows) and tag each feature
+    with its ``sample_id`` (its position)."""
     features = []
-    for index, record in enumerate(records):
+    for record in records:
         if isinstance(record, str):
-            feature = encode_text(tokenizer, record, max_length=max_length)
+            features += encode_text_windows(tokenizer, record, max_length=max_length)
         else:
-            feature = encode_qa(tokenizer, record, max_length=max_length, prefix_tokens=prefix_tokens)
+            features.append(encode_qa(tokenizer, record, max_length=max_length, prefix_tokens=prefix_tokens))
+    for index, feature in enumerate(features):
         feature["sample_id"] = index
-        features.append(feature)
     return features
 
 

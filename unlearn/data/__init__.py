@@ -1,7 +1,8 @@
 """Data: TOFU/MUSE records, loaders with validation, a seeded synthetic generator, tokenisation."""
 
-from unlearn.data.loaders import (check_overlap, load_qa, load_texts, load_verbatim, read_rows,
-                                  shared_questions)
+from unlearn.data.loaders import (check_overlap, iter_split_rows, load_qa, load_texts, load_verbatim,
+                                  parse_qa_row, parse_text_row, question_key, read_rows,
+                                  shared_questions, split_files)
 from unlearn.data.records import DataError, QARecord, SplitNotFound, VerbatimRecord
 from unlearn.data.spans import diff_spans, sensitive_spans
 from unlearn.data.synthetic import (
@@ -11,11 +12,14 @@ from unlearn.data.synthetic import (
     write_muse,
     write_tofu,
 )
-from unlearn.data.tokenize import answer_text, collate, encode_qa, encode_text, format_prompt, prompt_ids
+from unlearn.data.tokenize import (answer_text, collate, encode_qa, encode_text, encode_text_windows,
+                                   format_prompt, prompt_ids)
 
 __all__ = [
     "DataError", "QARecord", "SplitNotFound", "VerbatimRecord", "answer_text", "check_overlap",
     "collate", "shared_questions", "corpus_texts", "diff_spans", "encode_qa", "encode_text",
+    "encode_text_windows",
     "format_prompt", "prompt_ids", "generate_muse", "generate_tofu", "load_qa", "load_texts",
-    "load_verbatim", "read_rows", "sensitive_spans", "write_muse", "write_tofu",
+    "load_verbatim", "read_rows", "iter_split_rows", "parse_qa_row", "parse_text_row",
+    "question_key", "split_files", "sensitive_spans", "write_muse", "write_tofu",
 ]

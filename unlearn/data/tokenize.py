@@ -94,6 +94,15 @@ def encode_text(tokenizer, text: str, max_length: int = 256) -> dict[str, list[i
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
 
 
+def encode_text_windows(tokenizer, text: str, max_length: int = 256) -> list[dict[str, list[int]]]:
+    """A raw training text cut into consecutive windows of at most ``max_length`` tokens (EOS
+    after the last token), every token supervised: a long document is trained on whole, not
+    truncated to its first window."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [{"input_ids": window, "attention_mask": [1] * len(window), "labels": list(window)}
+            for window in (ids[start:start + max_length] for start in range(0, len(ids), max_length))]
+
+
 PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": IGNORE,
               "onset_mask": 0, "neutral_mask": 0}
 
