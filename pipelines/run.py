@@ -295,7 +295,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.data import tokenized_dataset
-    from pipelines.stream import plan_streams
+    from pipelines.stream import plan_streams, stream_data_config
     from pipelines.ray_env import ensure_ray
     from unlearn.demo import evaluate_stage
     from unlearn.eval import compare_table
@@ -379,8 +379,8 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
                              callbacks=callbacks),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[n for n in STREAMED if n in datasets]
-                                  if cfg.data.streaming else []),
+        dataset_config=(stream_data_config([n for n in STREAMED if n in datasets]) if cfg.data.streaming
+                        else DataConfig(datasets_to_split=[])),
     )
     print(f"unlearning {cfg.data.forget_split} with {objective.name} on {r.num_workers} FSDP2 worker(s); "
           f"checkpoints in {storage}/{ray_name}"

@@ -17,6 +17,7 @@ stopping's forget scores) take the first ``data.sample_rows`` rows of their stre
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -101,17 +102,29 @@ def read_split(source: str, split: str, *, kind: str, num_cpus: float = 1.0):
 
 
 def data_error(exc: BaseException) -> DataError | None:
-    """The :class:`DataError` a Ray task raised, unwrapped from Ray's exception chain."""
+    """The :class:`DataError` a read task raised, without Ray's wrapping (a ``RayTaskError`` that
+    subclasses it and carries the worker's traceback in its message)."""
+    from ray.exceptions import RayError
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, DataError):
-            return DataError(str(exc).splitlines()[0] if "\n" in str(exc) else str(exc))
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, DataError):
-            return DataError(str(cause))
-        exc = exc.__cause__ or exc.__context__ or cause
-    return None
+        if isinstance(exc, DataError) and not isinstance(exc, RayError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+
+
+@contextlib.contextmanager
+def quiet_data_errors():
+    """Ray Data logs a failed task's whole traceback before raising; the pipeline raises one
+    clean :class:`DataError` instead (other errors still propagate, tracebacks and all)."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------- the driver's scan
@@ -262,6 +275,17 @@ def plan_streams(cfg, spec: str, objective, source: str, stop: list | None) -> S
     Raises :class:`DataError` (file, row, field) for the first bad row of either set, for an
     empty split and for a ``stop.split`` that shares questions with the training data.
     """
+    try:
+        with quiet_data_errors():
+            return _build_plan(cfg, spec, objective, source, stop)
+    except Exception as exc:  # noqa: BLE001 - a read task's DataError arrives wrapped by Ray
+        found = data_error(exc)
+        if found is None:
+            raise
+        raise found from None
+
+
+def _build_plan(cfg, spec: str, objective, source: str, stop: list | None) -> StreamPlan:
     from pipelines.data import tokenize
 
     data = cfg.data
@@ -275,45 +299,37 @@ def plan_streams(cfg, spec: str, objective, source: str, stop: list | None) -> S
     def read(split):
         return read_split(source, split, kind=kind, num_cpus=cpus)
 
-    try:
-        stop_keys = stream_keys(stop) if kind == "qa" else None
-        against = {} if stop_keys is None else {"stop": stop_keys}
-        forget_raw = read(data.forget_split)
-        forget = scan(forget_raw, against=against, keep_digests=True)
-        _check_scan(forget, source, data.forget_split, "forget")
-        datasets = {"forget": tokenized(forget_raw, objective.prefix_tokens()),
-                    "forget_sample": tokenized(forget_raw.limit(data.sample_rows))}
-        rows, overlap = {"forget": forget.rows}, 0
-        if objective.wants_retain():
-            retain_raw = read(data.retain_split)
-            if kind == "qa":
-                against = {**against, "forget": forget.keys}
-            retain = scan(retain_raw, against=against)
-            _check_scan(retain, source, data.retain_split, "retain")
-            overlap = retain.shared_with.get("forget", 0)
-            if overlap:
-                log.warning("%d retain question(s) also appear in the forget set%s", overlap,
-                            "; dropped from retain" if data.drop_overlap else "")
-                if data.drop_overlap:
-                    retain_raw = retain_raw.map_batches(drop_keys, fn_kwargs={"keys": forget.keys},
-                                                        batch_format="numpy", num_cpus=cpus)
-            rows["retain"] = retain.rows - (overlap if data.drop_overlap else 0)
-            if rows["retain"] == 0:
-                raise DataError(f"{source} split {data.retain_split}: every retain question is in the "
-                                "forget set")
-            datasets["retain"] = tokenized(retain_raw)
-            datasets["retain_sample"] = tokenized(retain_raw.limit(data.sample_rows))
-        if data.proxy_split and objective.name == "egup":
-            datasets["proxy"] = tokenized(read(data.proxy_split).limit(data.sample_rows))
-        if kind == "text":  # the number of max_length windows is known once tokenised
-            rows = {name: scan(datasets[name]).rows for name in rows}
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a read task's DataError arrives wrapped by Ray
-        found = data_error(exc)
-        if found is None:
-            raise
-        raise found from None
+    stop_keys = stream_keys(stop) if kind == "qa" else None
+    against = {} if stop_keys is None else {"stop": stop_keys}
+    forget_raw = read(data.forget_split)
+    forget = scan(forget_raw, against=against, keep_digests=True)
+    _check_scan(forget, source, data.forget_split, "forget")
+    datasets = {"forget": tokenized(forget_raw, objective.prefix_tokens()),
+                "forget_sample": tokenized(forget_raw.limit(data.sample_rows))}
+    rows, overlap = {"forget": forget.rows}, 0
+    if objective.wants_retain():
+        retain_raw = read(data.retain_split)
+        if kind == "qa":
+            against = {**against, "forget": forget.keys}
+        retain = scan(retain_raw, against=against)
+        _check_scan(retain, source, data.retain_split, "retain")
+        overlap = retain.shared_with.get("forget", 0)
+        if overlap:
+            log.warning("%d retain question(s) also appear in the forget set%s", overlap,
+                        "; dropped from retain" if data.drop_overlap else "")
+            if data.drop_overlap:
+                retain_raw = retain_raw.map_batches(drop_keys, fn_kwargs={"keys": forget.keys},
+                                                    batch_format="numpy", num_cpus=cpus)
+        rows["retain"] = retain.rows - (overlap if data.drop_overlap else 0)
+        if rows["retain"] == 0:
+            raise DataError(f"{source} split {data.retain_split}: every retain question is in the "
+                            "forget set")
+        datasets["retain"] = tokenized(retain_raw)
+        datasets["retain_sample"] = tokenized(retain_raw.limit(data.sample_rows))
+    if data.proxy_split and objective.name == "egup":
+        datasets["proxy"] = tokenized(read(data.proxy_split).limit(data.sample_rows))
+    if kind == "text":  # the number of max_length windows is known once tokenised
+        rows = {name: scan(datasets[name]).rows for name in rows}
     return StreamPlan(datasets, rows, forget, overlap)
 
 
@@ -323,3 +339,72 @@ def _check_scan(result: Scan, source: str, split: str, name: str) -> None:
     if result.shared_with.get("stop"):
         raise DataError(f"stop.split shares {result.shared_with['stop']} question(s) with the {name} "
                         "split: it must hold records the model never saw")
+
+
+def stream_data_config(split: list[str]):
+    """Ray Train's DataConfig for a streamed run: ``split`` datasets go to the workers through
+    ``streaming_split(N, equal=True)``, in the order the files were read (``preserve_order``), so
+    which rows land on which rank does not depend on task timing; the others go whole to each."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=split, execution_options=options)
+
+
+# --------------------------------------------------------------------------- a probe without a model
+
+
+def probe_worker(config: dict) -> None:
+    """Ray Train worker: walk this rank's streamed epochs exactly as training batches them, with
+    no model; write what it saw (sample ids per batch when asked), its tokens/s and peak RSS."""
+    import time
+
+    import ray.train
+    import torch
+
+    from pipelines.train import peak_memory_mib
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    stream = ShardStream(ray.train.get_dataset_shard("forget"), rows=config["rows"], world=world,
+                         batch_size=config["batch_size"], pad_token_id=config["pad_token_id"],
+                         seed=config["seed"], bucket=True, shuffle_rows=config["shuffle_rows"], name="forget")
+    epochs = []
+    for epoch in range(config["epochs"]):
+        start, tokens, ids = time.perf_counter(), 0, []
+        for batch in stream.epoch(epoch):
+            tokens += int(batch["attention_mask"].sum())
+            if config["keep_ids"]:
+                ids.append(batch["sample_id"].tolist())
+        seconds = time.perf_counter() - start
+        epochs.append({"batches": stream.expected, "tokens": tokens, "seconds": seconds,
+                       "tokens_per_s": tokens / seconds if seconds else float("nan"), "ids": ids})
+    record = {"rank": rank, "world": world, "epochs": epochs,
+              "peak_rss_mib": peak_memory_mib(torch.device("cpu"))}
+    with open(f"{config['out_dir']}/rank{rank}.json", "w") as out:
+        json.dump(record, out)
+    ray.train.report({"done": 1.0})
+
+
+def probe_streams(dataset, *, rows: int, workers: int, batch_size: int, pad_token_id: int, seed: int,
+                  epochs: int, out_dir: str, cpus_per_worker: float = 0.5, shuffle_rows: int = 1024,
+                  keep_ids: bool = True) -> list[dict]:
+    """Run :func:`probe_worker` on ``workers`` Ray Train workers over ``dataset`` (split equally,
+    as training splits ``forget``); each rank's record, in rank order."""
+    from pathlib import Path
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    config = {"rows": rows, "batch_size": batch_size, "pad_token_id": pad_token_id, "seed": seed,
+              "epochs": epochs, "shuffle_rows": shuffle_rows, "keep_ids": keep_ids, "out_dir": out_dir}
+    trainer = TorchTrainer(probe_worker, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
+                           scaling_config=ScalingConfig(num_workers=workers,
+                                                        resources_per_worker={"CPU": cpus_per_worker}),
+                           run_config=RunConfig(name=f"probe-{Path(out_dir).name}", storage_path=out_dir),
+                           datasets={"forget": dataset},
+                           dataset_config=stream_data_config(["forget"]))
+    trainer.fit()
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(workers)]
