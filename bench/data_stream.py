@@ -83,7 +83,7 @@ def measure(source: Path, workers: int, out: Path) -> dict:
     scan_seconds = time.perf_counter() - start
     ranks = probe_streams(plan.datasets["retain"], rows=plan.rows["retain"], workers=workers,
                           batch_size=cfg.train.batch_size, pad_token_id=load_tokenizer("tiny").pad_token_id,
-                          seed=0, epochs=1, out_dir=str(out), keep_ids=False)
+                          seed=0, epochs=[0], out_dir=str(out), keep_ids=False)
     return {"rows": plan.rows, "scan_seconds": scan_seconds, "driver_peak_mib": vm_hwm_mib(),
             "worker_peak_mib": [r["peak_rss_mib"] for r in ranks],
             "data_tokens_per_s": sum(r["epochs"][0]["tokens_per_s"] for r in ranks),

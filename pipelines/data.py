@@ -61,12 +61,16 @@ def tokenize_batch(batch: dict[str, np.ndarray], *, tokenizer_spec: str, max_len
     Ray worker process and kept, so every data set of a run reuses it). A raw text gives one
     row per ``max_length`` window, each with the text's ``sample_id``."""
     tokenizer = _tokenizer(tokenizer_spec)
-    ids, features = [], []
-    for sample_id, payload in zip(batch["sample_id"], batch["record"]):
-        for feature in encode_records(tokenizer, [_record(payload)], max_length=max_length,
-                                      prefix_tokens=prefix_tokens):
-            ids.append(sample_id)
-            features.append(feature)
+    records = [_record(payload) for payload in batch["record"]]
+    if any(isinstance(r, str) for r in records):  # raw text: one row per window
+        ids, features = [], []
+        for sample_id, text in zip(batch["sample_id"], records):
+            windows = encode_records(tokenizer, [text], max_length=max_length)
+            ids += [sample_id] * len(windows)
+            features += windows
+    else:
+        ids = list(batch["sample_id"])
+        features = encode_records(tokenizer, records, max_length=max_length, prefix_tokens=prefix_tokens)
     out: dict[str, np.ndarray] = {"sample_id": np.asarray(ids, dtype=np.int64)}
     for column in TENSOR_COLUMNS:
         if features and column in features[0]:

@@ -295,13 +295,13 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.data import tokenized_dataset
-    from pipelines.stream import plan_streams, stream_data_config
+    from pipelines.stream import stream_data_config
     from pipelines.ray_env import ensure_ray
     from unlearn.demo import evaluate_stage
     from unlearn.eval import compare_table
     from unlearn.eval.report import headline
     from unlearn.report import plot_dual_dynamics, stop_line
-    from unlearn.workflow import build_objective, load_unlearn_data, resolve_source
+    from unlearn.workflow import build_objective, resolve_source
 
     start = time.perf_counter()
     cfg, spec, reference = driver_paths(cfg, model, reference)
@@ -311,15 +311,13 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         raise PipelineError("model.lora is not supported by the Ray pipeline yet; use `unlearn forget`")
     # 1. everything that can be wrong, before any worker starts
     objective = build_objective(cfg)
-    check_streaming(cfg, objective)
-    data = StreamInputs(cfg) if cfg.data.streaming else load_unlearn_data(cfg)
+    data = read_inputs(cfg, objective)
     check_model(spec)
     uri = tracking_uri(cfg)
     check_mlflow(uri)
     ensure_ray(log_to_driver=cfg.ray.verbose)
     check_resources(cfg)
-    if cfg.data.streaming:  # one validating pass over the files, on the cluster
-        data.plan = plan_streams(cfg, spec, objective, data.source, data.stop)
+    scan_inputs(cfg, spec, objective, data)
     storage = cfg.ray.storage_path or str(out / "ray")
     run_id, resumed = start_or_resume_run(cfg, uri, run_identity(cfg, spec, storage), parent_run_id)
     client = MlflowClient(uri)
@@ -499,14 +497,26 @@ class StreamInputs:
         return self.plan.forget_identity()
 
 
-def check_streaming(cfg: Config, objective) -> None:
-    """Options a streamed run cannot honour, refused before anything starts."""
+def read_inputs(cfg: Config, objective):
+    """The run's data on the driver: every record, validated (``unlearn.workflow.load_unlearn_data``),
+    or with ``data.streaming`` only the source and the stop split, until :func:`scan_inputs`."""
+    from unlearn.workflow import load_unlearn_data
+
     if not cfg.data.streaming:
-        return
+        return load_unlearn_data(cfg)
     if objective.name == "egup" and objective.params.get("use_intra"):
         raise PipelineError("method egup with use_intra keeps every forget sample's initial embedding, "
                             "which a streamed run does not hold: set method.params.use_intra=false or "
                             "data.streaming=false")
+    return StreamInputs(cfg)
+
+
+def scan_inputs(cfg: Config, spec: str, objective, data) -> None:
+    """A streamed run's validating scan of its files, on the cluster (Ray must be up)."""
+    from pipelines.stream import plan_streams
+
+    if cfg.data.streaming:
+        data.plan = plan_streams(cfg, spec, objective, data.source, data.stop)
 
 
 def stop_summary(client, run_id: str, final: dict, target: float | None) -> dict | None:

@@ -371,7 +371,7 @@ def probe_worker(config: dict) -> None:
                          batch_size=config["batch_size"], pad_token_id=config["pad_token_id"],
                          seed=config["seed"], bucket=True, shuffle_rows=config["shuffle_rows"], name="forget")
     epochs = []
-    for epoch in range(config["epochs"]):
+    for epoch in config["epochs"]:
         start, tokens, ids = time.perf_counter(), 0, []
         for batch in stream.epoch(epoch):
             tokens += int(batch["attention_mask"].sum())
@@ -388,10 +388,11 @@ def probe_worker(config: dict) -> None:
 
 
 def probe_streams(dataset, *, rows: int, workers: int, batch_size: int, pad_token_id: int, seed: int,
-                  epochs: int, out_dir: str, cpus_per_worker: float = 0.5, shuffle_rows: int = 1024,
+                  epochs: list[int], out_dir: str, cpus_per_worker: float = 0.5, shuffle_rows: int = 1024,
                   keep_ids: bool = True) -> list[dict]:
     """Run :func:`probe_worker` on ``workers`` Ray Train workers over ``dataset`` (split equally,
-    as training splits ``forget``); each rank's record, in rank order."""
+    as training splits ``forget``) for the given epoch numbers (an epoch number again replays that
+    epoch); each rank's record, in rank order."""
     from pathlib import Path
 
     from ray.train import RunConfig, ScalingConfig

@@ -246,12 +246,14 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         check_resources,
         driver_paths,
         driver_stop_target,
+        read_inputs,
         reference_for,
         run_identity,
+        scan_inputs,
         tracking_uri,
     )
     from unlearn.demo import evaluate_stage
-    from unlearn.workflow import load_unlearn_data
+    from unlearn.workflow import build_objective
 
     start = time.perf_counter()
     if not cfg.tune.search_space:
@@ -259,12 +261,14 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     check_space(cfg)
     cfg, spec, reference = driver_paths(cfg, model, reference)
     out = Path(cfg.output_dir)
-    data = load_unlearn_data(cfg)
+    objective = build_objective(cfg)
+    data = read_inputs(cfg, objective)
     check_model(spec)
     uri = tracking_uri(cfg)
     check_mlflow(uri)
     ensure_ray()
     check_resources(cfg)
+    scan_inputs(cfg, spec, objective, data)  # streamed: validated once here; each trial scans again
 
     experiment = mlflow.set_experiment(cfg.mlflow.experiment)
     client = MlflowClient(uri)
@@ -296,7 +300,8 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
                                       reduction_factor=cfg.tune.reduction_factor)
     else:
         searcher = OptunaSearch(metric=list(OBJECTIVES), mode=["max", "max"], seed=cfg.tune.seed)
-    per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    per_trial = (cfg.ray.num_workers * cfg.ray.cpus_per_worker
+                 + (cfg.ray.data_cpus if cfg.data.streaming else 0))
     import ray
 
     fits = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))

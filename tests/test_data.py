@@ -270,3 +270,17 @@ def test_bucketing_covers_every_sample_once_and_cuts_padding():
     assert padding_fraction([1, 3], [[0, 1]]) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="batch_size"):
         batch_indices(lengths, 0)
+
+
+@pytest.mark.parametrize("prefix_tokens", [None, 2])
+def test_batched_encoding_equals_one_record_at_a_time(tokenizer, chat_tokenizer, prefix_tokens):
+    from unlearn.data import encode_qa_batch, sensitive_spans
+
+    records = [QARecord(question=r.question, answer=r.answer, paraphrased_answer=r.paraphrased_answer,
+                        sensitive_spans=tuple(sensitive_spans(r)))
+               for r in generate_tofu(seed=1)["forget10"][:12]]
+    for tok in (tokenizer, chat_tokenizer):
+        # 60 tokens: the chat prompt fits, some answers are cut
+        one_by_one = [encode_qa(tok, r, max_length=60, prefix_tokens=prefix_tokens) for r in records]
+        assert encode_qa_batch(tok, records, max_length=60, prefix_tokens=prefix_tokens) == one_by_one
+        assert any(len(f["input_ids"]) == 60 for f in one_by_one)

@@ -23,7 +23,7 @@ from unlearn.data import (
     SplitNotFound,
     check_overlap,
     collate,
-    encode_qa,
+    encode_qa_batch,
     encode_text_windows,
     load_qa,
     load_texts,
@@ -81,6 +81,9 @@ def resolve_source(cfg: Config) -> str:
 def load_unlearn_data(cfg: Config) -> UnlearnData:
     """Read and validate the forget/retain(/proxy) records before any training starts."""
     source, data = resolve_source(cfg), cfg.data
+    if data.streaming:
+        log.warning("data.streaming applies to the Ray pipeline (unlearn run / tune); this process "
+                    "reads the sets into memory")
     if data.benchmark == "muse":
         forget = load_texts(source, data.forget_split)
         retain = load_texts(source, data.retain_split)
@@ -200,12 +203,12 @@ def encode_records(tokenizer, records: list, *, max_length: int,
                    prefix_tokens: int | None = None) -> list[dict]:
     """Tokenise QA records (or raw texts, cut into ``max_length`` windows) and tag each feature
     with its ``sample_id`` (its position)."""
-    features = []
-    for record in records:
-        if isinstance(record, str):
-            features += encode_text_windows(tokenizer, record, max_length=max_length)
-        else:
-            features.append(encode_qa(tokenizer, record, max_length=max_length, prefix_tokens=prefix_tokens))
+    if all(not isinstance(r, str) for r in records):
+        features = encode_qa_batch(tokenizer, list(records), max_length=max_length,
+                                   prefix_tokens=prefix_tokens)
+    else:
+        features = [feature for text in records
+                    for feature in encode_text_windows(tokenizer, text, max_length=max_length)]
     for index, feature in enumerate(features):
         feature["sample_id"] = index
     return features

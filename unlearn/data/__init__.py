@@ -12,14 +12,14 @@ from unlearn.data.synthetic import (
     write_muse,
     write_tofu,
 )
-from unlearn.data.tokenize import (answer_text, collate, encode_qa, encode_text, encode_text_windows,
-                                   format_prompt, prompt_ids)
+from unlearn.data.tokenize import (answer_text, collate, encode_qa, encode_qa_batch, encode_text,
+                                   encode_text_windows, format_prompt, prompt_ids)
 
 __all__ = [
     "DataError", "QARecord", "SplitNotFound", "VerbatimRecord", "answer_text", "check_overlap",
-    "collate", "shared_questions", "corpus_texts", "diff_spans", "encode_qa", "encode_text",
-    "encode_text_windows",
-    "format_prompt", "prompt_ids", "generate_muse", "generate_tofu", "load_qa", "load_texts",
+    "collate", "shared_questions", "corpus_texts", "diff_spans", "encode_qa", "encode_qa_batch",
+    "encode_text", "encode_text_windows", "format_prompt", "prompt_ids", "generate_muse", "generate_tofu",
+    "load_qa", "load_texts",
     "load_verbatim", "read_rows", "iter_split_rows", "parse_qa_row", "parse_text_row",
     "question_key", "split_files", "sensitive_spans", "write_muse", "write_tofu",
 ]
