@@ -42,7 +42,10 @@ from unlearn.data.loaders import (
 log = logging.getLogger(__name__)
 
 
-READ_COLUMNS = ("sample_id", "record", "digest")
+# A worker fetches and converts one block at a time, so the block size, not the corpus, bounds its
+# memory: with Ray's default (128 MiB) a 50,000-row shard became one block and a worker's peak grew
+# with the shard size (bench/data_stream.py).
+BLOCK_BYTES = 4 * 2**20
 
 
 # --------------------------------------------------------------------------- reading + validation
@@ -97,8 +100,11 @@ def read_split(source: str, split: str, *, kind: str, num_cpus: float = 1.0):
     import ray
 
     filesystem, paths, prefix = split_files(source, split)
-    return ray.data.read_datasource(RecordFiles(paths, filesystem=filesystem, prefix=prefix, kind=kind),
-                                    num_cpus=num_cpus)
+    dataset = ray.data.read_datasource(RecordFiles(paths, filesystem=filesystem, prefix=prefix, kind=kind),
+                                       num_cpus=num_cpus)
+    # Its context is this dataset's own copy, inherited by the datasets made from it.
+    dataset.context.target_max_block_size = BLOCK_BYTES
+    return dataset
 
 
 def data_error(exc: BaseException) -> DataError | None:

@@ -242,3 +242,25 @@ def test_streamed_pipeline_from_a_uri_on_two_workers(ray_cluster, finetuned, sha
     assert summary["after"]["forget_prob"] < report["forget_prob"]["target"] - 0.03
     assert list(summary["stop"]["auc_by_epoch"]) == ["1"]  # checked on the forget sample after epoch 1
     assert (Path(summary["model_dir"]) / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_raw_text_streams_as_max_length_windows(ray_cluster, tmp_path):
+    from unlearn.data import encode_text_windows, load_texts
+    from unlearn.models import load_tokenizer
+
+    muse = synthetic_source("muse", tmp_path)
+    _, plan = _plan(muse, "data.benchmark=muse", "data.forget_split=raw/forget",
+                    "data.retain_split=raw/retain1", "data.proxy_split=null", "data.full_split=null",
+                    "stop.enabled=false", "method.name=npo", "data.max_length=32")
+    tokenizer = load_tokenizer("tiny")
+    texts = load_texts(muse, "raw/forget")
+    expected = {question_key(text): [i for window in encode_text_windows(tokenizer, text, max_length=32)
+                                     for i in window["input_ids"]] for text in texts}
+    streamed: dict[int, list[int]] = {}
+    for batch in plan.datasets["forget"].iter_batches(batch_size=64, batch_format="numpy"):
+        for key, ids in zip(batch["sample_id"], batch["input_ids"]):
+            assert len(ids) <= 32
+            streamed.setdefault(int(key), []).extend(int(i) for i in ids)
+    assert streamed == expected  # every text whole, in order, cut into windows of at most 32
+    assert plan.rows["forget"] == sum(-(-len(ids) // 32) for ids in expected.values())
