@@ -1,4 +1,5 @@
-"""Ray Data: forget / retain (/ proxy) records -> tokenised tensor rows -> each training worker.
+"""Ray Data, deterministic mode: forget / retain (/ proxy) records -> tokenised tensor rows ->
+each training worker (the streaming mode, ``data.streaming``, is ``pipelines.stream``).
 
 The driver reads and validates the records (a bad file fails before any worker starts), turns
 them into a Ray Dataset and tokenises it with ``map_batches`` tasks (the tokenizer is loaded once

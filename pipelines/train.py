@@ -6,6 +6,11 @@ needs one, and runs the framework-free :class:`unlearn.loop.Unlearner` step. The
 sees the retain loss averaged over ranks, so every rank holds the same lam; EGUP's retain centroid
 is summed over ranks once.
 
+Data: in the deterministic mode every worker pulls the tokenised sets and takes its slice of the
+single-process global batches (``pipelines.data``); with ``data.streaming`` it iterates its own
+shard of the forget and retain streams (``pipelines.stream.ShardStream``), and the whole-set uses
+take bounded samples.
+
 Checkpoints (``torch.distributed.checkpoint``: sharded model and optimizer, plus the dual and
 EGUP state, the scheduler, the step and every rank's RNG) are reported to Ray Train; a restarted
 worker group (``FailureConfig``) or a re-run with the same run name resumes from the latest. The

@@ -264,3 +264,19 @@ def test_raw_text_streams_as_max_length_windows(ray_cluster, tmp_path):
             streamed.setdefault(int(key), []).extend(int(i) for i in ids)
     assert streamed == expected  # every text whole, in order, cut into windows of at most 32
     assert plan.rows["forget"] == sum(-(-len(ids) // 32) for ids in expected.values())
+
+
+def test_streaming_keeps_cpus_for_the_data_path_or_refuses_to_start(ray_cluster, shards, tmp_path):
+    from pipelines.run import PipelineError, run_pipeline
+    from unlearn.config import build_config
+
+    from pipelines.ray_env import cluster_cpus
+
+    # one worker per CPU of the cluster leaves none to read and tokenise with
+    cpus = cluster_cpus()
+    cfg = build_config({}, [f"output_dir={tmp_path}", f"data.source={shards}", "data.streaming=true",
+                            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"ray.num_workers={cpus}",
+                            "ray.cpus_per_worker=1"])
+    with pytest.raises(PipelineError, match=f"CPU: {cpus + 1:g} needed.*keeps ray.data_cpus free"):
+        run_pipeline(cfg, "tiny")
+    assert not (tmp_path / "ray").exists()  # nothing started
