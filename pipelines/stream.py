@@ -351,9 +351,14 @@ def stream_data_config(split: list[str]):
     """Ray Train's DataConfig for a streamed run: ``split`` datasets go to the workers through
     ``streaming_split(N, equal=True)``, in the order the files were read (``preserve_order``), so
     which rows land on which rank does not depend on task timing; the others go whole to each."""
+    import copy
+
+    from ray.data import DataContext
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
+    # A copy of the current options (what Train would apply), without constructing new ones:
+    # that passes exclude_resources and prints Ray's deprecation warning on every run.
+    options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
     return DataConfig(datasets_to_split=split, execution_options=options)
 
