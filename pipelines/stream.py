@@ -141,32 +141,34 @@ class Scan:
     """What one pass over a stream leaves on the driver: counts and keys, not records."""
 
     rows: int
-    keys: np.ndarray  # sorted unique question keys
-    digests: np.ndarray | None  # (rows, 32) uint8, kept for the forget set only
+    keys: np.ndarray | None  # sorted unique question keys; kept for the forget set only
+    digests: np.ndarray | None  # (rows, 32) uint8; kept for the forget set only
     shared_with: dict[str, int]  # rows whose key is in each of the given key sets
 
     def fingerprint(self) -> str:
         return fingerprint(self.digests)
 
 
-def scan(dataset, *, against: dict[str, np.ndarray] | None = None, keep_digests: bool = False,
+def scan(dataset, *, against: dict[str, np.ndarray] | None = None, keep: bool = False,
          batch_rows: int = 8192) -> Scan:
-    """Read every row of ``dataset`` once (validating it), keeping keys and counts."""
+    """Read every row of ``dataset`` once (validating it), counting rows and the rows whose key is
+    in each ``against`` set; ``keep`` also keeps the keys and record digests (the forget set's)."""
     against = against or {}
     keys, digests, rows = [], [], 0
     shared = dict.fromkeys(against, 0)
-    columns = ["sample_id", "digest"] if keep_digests else ["sample_id"]
+    columns = ["sample_id", "digest"] if keep else ["sample_id"]
     for batch in dataset.select_columns(columns).iter_batches(batch_size=batch_rows, batch_format="numpy"):
         ids = np.asarray(batch["sample_id"], dtype=np.int64)
         rows += len(ids)
-        keys.append(np.unique(ids))
         for name, other in against.items():
-            shared[name] += int(np.isin(ids, other, assume_unique=False).sum())
-        if keep_digests:
+            shared[name] += int(np.isin(ids, other).sum())
+        if keep:
+            keys.append(np.unique(ids))
             digests.append(np.frombuffer(b"".join(batch["digest"].tolist()), dtype=np.uint8).reshape(-1, 32))
+    if not keep:
+        return Scan(rows, None, None, shared)
     unique = np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
-    kept = np.concatenate(digests) if digests else (np.zeros((0, 32), np.uint8) if keep_digests else None)
-    return Scan(rows, unique, kept, shared)
+    return Scan(rows, unique, np.concatenate(digests) if digests else np.zeros((0, 32), np.uint8), shared)
 
 
 def drop_keys(batch: dict[str, np.ndarray], *, keys: np.ndarray) -> dict[str, np.ndarray]:
@@ -308,7 +310,7 @@ def _build_plan(cfg, spec: str, objective, source: str, stop: list | None) -> St
     stop_keys = stream_keys(stop) if kind == "qa" else None
     against = {} if stop_keys is None else {"stop": stop_keys}
     forget_raw = read(data.forget_split)
-    forget = scan(forget_raw, against=against, keep_digests=True)
+    forget = scan(forget_raw, against=against, keep=True)
     _check_scan(forget, source, data.forget_split, "forget")
     datasets = {"forget": tokenized(forget_raw, objective.prefix_tokens()),
                 "forget_sample": tokenized(forget_raw.limit(data.sample_rows))}

@@ -77,8 +77,7 @@ def split_files(source: str | Path, split: str | None = None):
                         f"{split}.jsonl, {split}.parquet and a folder {split}/ of shards)")
 
 
-def iter_file_rows(stream, name: str, *, columns: list[str] | None = None,
-                   chunk_rows: int = 1024) -> Iterator[list[Any]]:
+def iter_file_rows(stream, name: str, *, chunk_rows: int = 1024) -> Iterator[list[Any]]:
     """The rows of one data file, in chunks of about ``chunk_rows`` (a random-access pyarrow
     file or any binary file object); ``name`` ends with the format's suffix. A Parquet file or a
     JSON Lines file is read a chunk at a time; a ``.json`` array is parsed whole."""
@@ -86,7 +85,7 @@ def iter_file_rows(stream, name: str, *, columns: list[str] | None = None,
         try:
             import pyarrow.parquet as pq
 
-            for batch in pq.ParquetFile(stream).iter_batches(batch_size=chunk_rows, columns=columns):
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=chunk_rows):
                 yield batch.to_pylist()
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
             raise DataError(f"{name}: unreadable Parquet file ({exc})") from None
@@ -130,8 +129,7 @@ def _json_array(stream, name: str) -> list | None:
 
 
 def _text_lines(stream, name: str) -> Iterator[tuple[int, str]]:
-    reader = io.TextIOWrapper(stream if hasattr(stream, "readable") else io.BufferedReader(stream),
-                              encoding="utf-8")
+    reader = io.TextIOWrapper(stream, encoding="utf-8")
     try:
         yield from enumerate(reader, start=1)
     except UnicodeDecodeError as exc:
