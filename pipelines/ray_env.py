@@ -9,6 +9,22 @@ import os
 
 log = logging.getLogger(__name__)
 
+#: How the MLflow client authenticates to a tracking server; passed on to Ray's workers and actors,
+#: which log to MLflow themselves (they do not inherit the driver's environment on a cluster).
+MLFLOW_AUTH_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+                    "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+
+
+def mlflow_auth_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in MLFLOW_AUTH_VARS if name in os.environ}
+
+
+def runtime_env() -> dict | None:
+    """The runtime environment that gives Ray's processes this driver's MLflow credentials."""
+    env = mlflow_auth_env()
+    return {"env_vars": env} if env else None
+
 
 def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> None:
     """Initialise Ray once; a local instance uses ``num_cpus`` (default: all).
@@ -27,10 +43,10 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> N
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # execution plans are not news to a user
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env())
         return
     ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver,
-             configure_logging=True, logging_level=logging.WARNING)
+             configure_logging=True, logging_level=logging.WARNING, runtime_env=runtime_env())
 
 
 def cluster_cpus() -> int:

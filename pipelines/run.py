@@ -303,7 +303,11 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     from unlearn.report import plot_dual_dynamics, stop_line
     from unlearn.workflow import build_objective, resolve_source
 
+    from pipelines.lineage import BaseError, is_registered_uri, recheck_requests, registered_base
+    from pipelines.ray_env import runtime_env
+
     start = time.perf_counter()
+    base_uri, model = (model, None) if is_registered_uri(model) else (None, model)
     cfg, spec, reference = driver_paths(cfg, model, reference)
     out = Path(cfg.output_dir)
     eval_dir = out / "eval"
@@ -312,9 +316,18 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     # 1. everything that can be wrong, before any worker starts
     objective = build_objective(cfg)
     data = read_inputs(cfg, objective)
-    check_model(spec)
     uri = tracking_uri(cfg)
     check_mlflow(uri)
+    base = None
+    if base_uri is not None:  # a registered version: verified, and its deletion requests carried on
+        try:
+            base = registered_base(MlflowClient(uri), base_uri, out / "base")
+        except BaseError as exc:
+            raise PipelineError(str(exc)) from None
+        spec = base.folder
+        print(f"starting from {base.name} version {base.version} ({base_uri}): "
+              f"{len(base.requests)} earlier deletion request(s) in its lineage", flush=True)
+    check_model(spec)
     ensure_ray(log_to_driver=cfg.ray.verbose)
     check_resources(cfg)
     scan_inputs(cfg, spec, objective, data)
@@ -375,7 +388,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         run_config=RunConfig(name=ray_name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
-                             callbacks=callbacks),
+                             callbacks=callbacks, worker_runtime_env=runtime_env()),
         datasets=datasets,
         dataset_config=(stream_data_config([n for n in STREAMED if n in datasets]) if cfg.data.streaming
                         else DataConfig(datasets_to_split=[])),
@@ -400,6 +413,11 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         print(f"evaluating {model_dir} after unlearning", flush=True)
         results["after"] = evaluate_stage(str(model_dir), cfg, ref, eval_dir, "after")
         log_evaluation(client, run_id, "after", results["after"], eval_dir)
+    rechecked = None
+    if "after" in results and base is not None and base.requests and cfg.gate.recheck_earlier:
+        print(f"re-checking the {len(base.requests)} earlier deletion request(s) on {model_dir}", flush=True)
+        rechecked = recheck_requests(str(model_dir), cfg, reference or cfg.eval.reference, base.requests,
+                                     eval_dir)
     history = step_history(client, run_id)
     stop = stop_summary(client, run_id, result.metrics, loop_config.get("stop_auc"))
     plot = plot_dual_dynamics(history, out / "dual_dynamics.png") if history else None
@@ -421,8 +439,10 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         registration = judge_and_register(
             client, run_id, model_uri, rules=cfg.gate.rules, after=results["after"]["aggregates"],
             before=results.get("before", {}).get("aggregates"), reasons=results["after"]["unavailable"],
-            model_name=cfg.registry.model_name,
-            lineage=lineage(cfg, spec, data.forget_identity(), run_id, data=resolve_source(cfg)))
+            model_name=cfg.registry.model_name, evaluation=results["after"], model_folder=model_dir,
+            requests=base.requests if base else None, history=rechecked,
+            lineage=lineage(cfg, f"models:/{base.name}/{base.version}" if base else spec,
+                            data.forget_identity(), run_id, data=resolve_source(cfg)))
         gate, version = registration.gate.to_dict(), registration.version
     summary = {
         "gate": gate, "registered_version": version,
@@ -431,6 +451,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         "after": results.get("after", {}).get("aggregates"),
         "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "model_dir": str(model_dir),
         "model_uri": model_uri,
+        "base_version": f"models:/{base.name}/{base.version}" if base else None, "rechecked": rechecked,
         "data": resolve_source(cfg), "method": objective.name, "workers": r.num_workers,
         "steps": len(history), "stop": stop, "plot": str(plot) if plot else None,
         "seconds": round(time.perf_counter() - start, 1),

@@ -1,6 +1,8 @@
 """Gated serving: a Ray Serve HTTP endpoint for ``models:/NAME@champion`` (or a given version).
 
-Only a version tagged ``gate=passed`` is served. The endpoint listens on loopback by default:
+Only a version whose evidence verifies is served (``pipelines.evidence``: its evaluation re-read,
+hashed and re-judged, and the downloaded files checked against the hashes recorded when it was
+gated), never on the strength of its tags. The endpoint listens on loopback by default:
 
     POST http://127.0.0.1:8000/generate  {"prompt": "Where was X born?", "max_new_tokens": 64}
     -> {"text": "...", "model": "NAME", "version": "3"}
@@ -8,7 +10,8 @@ Only a version tagged ``gate=passed`` is served. The endpoint listens on loopbac
 
 from __future__ import annotations
 
-from pipelines.registry import CHAMPION, require_gated
+from pipelines.evidence import verify_files, verify_version
+from pipelines.registry import CHAMPION
 
 ROUTE = "/generate"
 
@@ -45,15 +48,16 @@ def resolve_version(client, name: str, version: str | None) -> str:
 
 def serve_model(client, name: str, version: str | None = None, *, host: str = "127.0.0.1",
                 port: int = 8000, blocking: bool = True) -> str:
-    """Deploy ``name`` (its champion, or ``version``) if its gate passed; returns the URL."""
+    """Deploy ``name`` (its champion, or ``version``) if its evidence verifies; returns the URL."""
     from ray import serve
 
     from pipelines.models import download_model
     from pipelines.ray_env import ensure_ray
 
     version = resolve_version(client, name, version)
-    require_gated(client, name, version)  # refuses an ungated version before anything starts
+    evidence = verify_version(client, name, version)  # refuses before anything starts
     folder = download_model(f"models:/{name}/{version}")
+    verify_files(folder, evidence)
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     app = serve.deployment(Generator, name="unlearn-generator",

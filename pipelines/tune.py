@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -231,6 +232,18 @@ def parent_run(client, experiment_id: str, name: str, identity: dict[str, str]) 
                              tags={RUN_NAME_TAG: name, "unlearn.kind": "tune", **identity}).info.run_id
 
 
+def trial_outputs(client, trial: dict, dst: Path) -> tuple[dict, str]:
+    """A finished trial's evaluation and model folder, as its run logged them (what gets registered)."""
+    from pipelines.models import download_model
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    evaluation = json.loads(Path(client.download_artifacts(trial["child_run_id"], "eval/after.json",
+                                                           str(dst))).read_text())
+    return evaluation, download_model(trial["model_uri"], dst / "model")
+
+
 def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = None) -> dict:
     """The search; returns the table of trials, the best trial and its registration."""
     import mlflow
@@ -239,7 +252,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     from ray.tune.search.optuna import OptunaSearch
 
     from pipelines.ray_env import ensure_ray
-    from pipelines.registry import after_metrics, judge_and_register, lineage
+    from pipelines.registry import judge_and_register, lineage
     from pipelines.run import (
         check_mlflow,
         check_model,
@@ -369,10 +382,11 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         # The best trial's own configuration (the search point applied), for its config hash.
         trial_cfg = build_config(cfg.model_dump(mode="json"),
                                  [f"{k}={json.dumps(best[k])}" for k in cfg.tune.search_space])
+        evaluation, model_folder = trial_outputs(client, best, out / "best")
         registration = judge_and_register(
             client, best["child_run_id"], best["model_uri"], rules=cfg.gate.rules,
-            after=after_metrics(client, best["child_run_id"]), before=before, reasons={},
-            model_name=cfg.registry.model_name,
+            after=evaluation["aggregates"], before=before, reasons=evaluation.get("unavailable"),
+            model_name=cfg.registry.model_name, evaluation=evaluation, model_folder=model_folder,
             lineage=lineage(trial_cfg, spec, data.forget_identity(),
                             best["child_run_id"], tune_parent_run_id=parent_id,
                             tune_trial=best["trial"]))

@@ -2,13 +2,15 @@
 
 import json
 import socket
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines.models import log_hf_model
+from pipelines.evidence import KEY_ENV, record_evidence, sha256_file, verify_files, verify_version
+from pipelines.models import download_model, log_hf_model
 from pipelines.registry import CHALLENGER, CHAMPION, PromotionRefused, judge_and_register, promote
 from unlearn.gate import GateError, evaluate_gate, parse_rule, parse_rules, regressions
 from unlearn.models import load_model, load_tokenizer, save_model
@@ -83,15 +85,25 @@ def registry(tmp_path, monkeypatch):
         with mlflow.start_run() as run:
             mlflow.log_metrics({f"after.{k}": v for k, v in after.items() if v is not None})
             info = log_hf_model(folder)
-        lineage = {"base_model": "tiny", "method": "pdu", "forget_split": "forget10", "data": "synthetic",
-                   "forget_records": 16, "forget_fingerprint": "abc", "config_hash": "123",
-                   "mlflow_run_id": run.info.run_id}
-        registration = judge_and_register(client, run.info.run_id, info.model_uri, rules=RULES, after=after,
-                                          before=BASE, reasons={}, model_name="forgetful", lineage=lineage)
+        registration = judge_and_register(
+            client, run.info.run_id, info.model_uri, rules=RULES, after=after, before=BASE, reasons={},
+            model_name="forgetful", lineage=fake_lineage(run.info.run_id), evaluation=evaluation(after),
+            model_folder=folder)
         return registration, run.info.run_id
 
     yield client, candidate
     mlflow.set_tracking_uri(None)
+
+
+def fake_lineage(run_id: str) -> dict:
+    return {"base_model": "tiny", "method": "pdu", "forget_split": "forget10", "data": "synthetic",
+            "forget_records": 16, "forget_fingerprint": "ab" * 32, "config_hash": "123",
+            "mlflow_run_id": run_id}
+
+
+def evaluation(after: dict) -> dict:
+    """The shape of an evaluation JSON the gate judges (``unlearn.eval.evaluate``)."""
+    return {"benchmark": "tofu", "aggregates": after, "unavailable": {}, "per_sample": {}}
 
 
 GOOD = {"forget_quality": 0.3, "model_utility": 0.79, "privleak": -3.0}
@@ -132,9 +144,142 @@ def test_promote_refuses_ungated_and_regressing_versions_and_accepts_a_good_one(
     assert promote(client, "forgetful") == better.version  # the challenger by default
     # a version that never passed a gate (registered around it) is refused
     rogue = client.create_model_version("forgetful", client.get_model_version("forgetful", "1").source)
-    with pytest.raises(PromotionRefused, match=f"version {rogue.version} has no passing gate"):
+    with pytest.raises(PromotionRefused, match=f"version {rogue.version}: has no passing gate"):
         promote(client, "forgetful", rogue.version)
     assert str(client.get_model_version_by_alias("forgetful", CHAMPION).version) == better.version
+
+
+# --------------------------------------------------------------------------- evidence, not tags
+
+
+def test_a_registered_version_pins_its_evidence_and_verifies(registry):
+    client, candidate = registry
+    registration, run_id = candidate(GOOD)
+    tags = client.get_model_version("forgetful", registration.version).tags
+    for name in ("eval", "before", "requests", "files"):
+        assert len(tags[f"evidence.{name}"]) == 64
+    evidence = verify_version(client, "forgetful", registration.version)
+    assert evidence.gate.passed and evidence.after == GOOD and evidence.run_id == run_id
+    assert [r["model_version"] for r in evidence.requests] == ["1"]
+    manifest = evidence.documents["files"]
+    assert "model.safetensors" in manifest and "config.json" in manifest
+    verify_files(download_model("models:/forgetful/1"), evidence)
+
+
+def test_a_hand_set_passed_tag_is_refused(registry, tmp_path):
+    from pipelines.serve import serve_model
+
+    client, candidate = registry
+    candidate(GOOD)
+    honest = client.get_model_version("forgetful", "1")
+    torch.manual_seed(1)  # another model: say, the one before unlearning
+    other = save_model(load_model("tiny"), load_tokenizer("tiny"), tmp_path / "other")
+    with mlflow.start_run() as run:
+        other_uri = log_hf_model(other).model_uri
+    rogue = client.create_model_version("forgetful", other_uri, run_id=run.info.run_id).version
+    client.set_model_version_tag("forgetful", rogue, "gate", "passed")
+    with pytest.raises(PromotionRefused, match=f"version {rogue}: its tag says passed, but it has no "
+                                               "recorded evidence"):
+        promote(client, "forgetful", rogue)
+    # the honest version's tags do not help: the digest binds them to its run
+    for key, value in honest.tags.items():
+        client.set_model_version_tag("forgetful", rogue, key, value)
+    with pytest.raises(PromotionRefused, match="evidence tags were edited after registration"):
+        promote(client, "forgetful", rogue)
+    with pytest.raises(PromotionRefused, match="evidence tags were edited"):
+        serve_model(client, "forgetful", rogue, blocking=False)
+    # nor does claiming the honest version's run: the registered model is not the evaluated one
+    claimed = client.create_model_version("forgetful", other_uri, run_id=honest.run_id).version
+    for key, value in honest.tags.items():
+        client.set_model_version_tag("forgetful", claimed, key, value)
+    with pytest.raises(PromotionRefused, match=f"version {claimed}: its model {other_uri} is not the model "
+                                               "that was evaluated"):
+        promote(client, "forgetful", claimed)
+    assert promote(client, "forgetful", "1") == "1"
+
+
+def _artifact_file(client, run_id: str, path: str) -> Path:
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    return Path(local_file_uri_to_path(client.get_run(run_id).info.artifact_uri)) / path
+
+
+def test_an_edited_evaluation_is_refused_even_with_its_tag_updated(registry):
+    client, candidate = registry
+    candidate(GOOD)
+    registration, run_id = candidate({**GOOD, "forget_quality": 0.2})  # version 2
+    version = registration.version
+    after = _artifact_file(client, run_id, "eval/after.json")
+    edited = json.loads(after.read_text())
+    edited["aggregates"]["forget_quality"] = 0.9  # would beat the champion's 0.3
+    after.write_text(json.dumps(edited))
+    with pytest.raises(PromotionRefused, match=f"version {version}: evidence eval/after.json of run {run_id} "
+                                               "was altered after the gate"):
+        promote(client, "forgetful", version)
+    client.set_model_version_tag("forgetful", version, "evidence.eval", sha256_file(after))
+    with pytest.raises(PromotionRefused, match="evidence tags were edited"):
+        promote(client, "forgetful", version)
+
+
+def test_missing_evidence_is_refused(registry):
+    client, candidate = registry
+    registration, run_id = candidate(GOOD)
+    _artifact_file(client, run_id, "lineage/requests.json").unlink()
+    with pytest.raises(PromotionRefused, match="evidence lineage/requests.json is missing from run"):
+        promote(client, "forgetful", registration.version)
+
+
+def test_a_failing_evaluation_with_forged_consistent_hashes_is_refused_and_a_key_stops_the_forger(
+        registry, monkeypatch):
+    """A forger who knows the scheme takes a run that failed the gate and records a consistent set
+    of hashes for it: the re-judged evaluation still fails. With a deployment key the forger does
+    not hold, even an honest-looking set of hashes is refused."""
+    client, candidate = registry
+    honest, _ = candidate(GOOD)  # registered without a key
+    failed, run_id = candidate({**GOOD, "forget_quality": 0.001})
+    assert failed.version is None
+    source = client.search_logged_models(experiment_ids=[client.get_run(run_id).info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")[0].model_id
+    rogue = client.create_model_version("forgetful", f"models:/{source}", run_id=run_id).version
+    tags = record_evidence(client, run_id, RULES, f"models:/{source}", download_model(f"models:/{source}"),
+                           {"eval": evaluation({**GOOD, "forget_quality": 0.001}),
+                            "before": {"aggregates": BASE}, "requests": []})
+    for key, value in {**tags, "gate": "passed"}.items():
+        client.set_model_version_tag("forgetful", rogue, key, value)
+    with pytest.raises(PromotionRefused, match="recorded evaluation fails the gate: forget_quality >= 0.05"):
+        promote(client, "forgetful", rogue)
+
+    monkeypatch.setenv(KEY_ENV, "the deployment's secret")
+    with pytest.raises(PromotionRefused, match="not signed with this deployment's UNLEARN_EVIDENCE_KEY"):
+        promote(client, "forgetful", honest.version)
+    signed, _ = candidate(GOOD)
+    assert promote(client, "forgetful", signed.version) == signed.version
+    monkeypatch.setenv(KEY_ENV, "a forger's guess")
+    with pytest.raises(PromotionRefused, match="not signed"):
+        promote(client, "forgetful", signed.version)
+
+
+def test_swapped_weights_are_refused_by_serve_and_by_a_run_starting_from_the_version(registry, tmp_path):
+    from pipelines.lineage import BaseError, registered_base
+    from pipelines.serve import serve_model
+
+    client, candidate = registry
+    registration, _ = candidate(GOOD)
+    promote(client, "forgetful")
+    source = client.get_model_version("forgetful", registration.version).source
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from safetensors.torch import load_file, save_file
+
+    logged = client.get_logged_model(source.removeprefix("models:/"))
+    stored, = Path(local_file_uri_to_path(logged.artifact_location)).rglob("model.safetensors")
+    weights = load_file(stored)
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3  # a quiet edit: the model still loads and answers
+    save_file(weights, stored, metadata={"format": "pt"})
+    with pytest.raises(PromotionRefused, match=r"not the files that were evaluated \(changed: model\."):
+        serve_model(client, "forgetful", blocking=False)
+    with pytest.raises(BaseError, match="cannot start from models:/forgetful@champion: .*changed: model"):
+        registered_base(client, "models:/forgetful@champion", tmp_path / "base")
 
 
 @pytest.mark.slow

@@ -72,7 +72,11 @@ def _cmd_run(args) -> int:
 
     overrides = list(args.overrides) + ([f"output_dir={args.output}"] if args.output else [])
     cfg = load_config(args.config, overrides)
-    run_pipeline(cfg, resolve_model(args.model) if args.model else None, reference=args.reference)
+    from pipelines.lineage import is_registered_uri
+
+    # A registered version is resolved by the pipeline, which verifies it and carries its lineage on.
+    model = args.model if is_registered_uri(args.model) else resolve_model(args.model) if args.model else None
+    run_pipeline(cfg, model, reference=args.reference)
     return 0
 
 
@@ -168,6 +172,19 @@ def _cmd_tune(args) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _registry_refusal(exc: Exception, name: str) -> str | None:
+    """The one-line refusal for a registry call the tracking server denied, else None."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException) and exc.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        import os
+
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+        what = "permission denied" if exc.error_code == "PERMISSION_DENIED" else "not authenticated"
+        return f"{what}: {user} may not change model {name!r} on the tracking server ({exc.message})"
+    return None
+
+
 def _cmd_promote(args) -> int:
     from pipelines.registry import PromotionRefused, promote
 
@@ -175,6 +192,11 @@ def _cmd_promote(args) -> int:
         version = promote(_mlflow_client(args.tracking_uri), args.name, args.version)
     except PromotionRefused as exc:
         print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if (why := _registry_refusal(exc, args.name)) is None:
+            raise
+        print(f"refused: {why}", file=sys.stderr)
         return 1
     print(f"{args.name} version {version} is now the champion")
     return 0

@@ -201,6 +201,17 @@ class GateConfig(_Strict):
 
     rules: list[str] = ["forget_quality >= 0.05", "model_utility >= 0.95 * base.model_utility",
                         "privleak within [-25, 25]"]
+    recheck_earlier: bool = Field(True, description="when the base is a registered version, re-evaluate "
+                                  "every forget set in its lineage; each must stay forgotten")
+    forget_prob_tolerance: float = Field(0.02, ge=0, le=1, description="an earlier forget set's forget "
+                                         "Prob may rise by at most this much (absolute)")
+    forget_quality_tolerance: float = Field(0.5, ge=0, le=1, description="an earlier forget set's forget "
+                                            "quality must stay >= this fraction of its gated value")
+
+    def tolerance(self):
+        from unlearn.gate import Tolerance
+
+        return Tolerance(forget_prob=self.forget_prob_tolerance, forget_quality=self.forget_quality_tolerance)
 
     @field_validator("rules")
     @classmethod

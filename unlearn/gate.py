@@ -152,3 +152,58 @@ def regressions(rules: list[Rule], candidate: dict, champion: dict) -> list[str]
         elif (new < old) if rule.higher_is_better else (new > old):
             worse.append(f"{rule.metric}: {new:.4g} vs the champion's {old:.4g} (rule {rule.text!r})")
     return worse
+
+
+# --------------------------------------------------------------------------- earlier deletion requests
+
+#: What "still forgotten" compares, per earlier request: (metric, direction). Forget Prob may rise by
+#: at most an absolute tolerance; forget quality (a p-value) may fall to a fraction of its gated value.
+STILL_FORGOTTEN = (("forget_prob", "lower"), ("forget_quality", "higher"))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How much worse an earlier forget set may look than when it was gated."""
+
+    forget_prob: float = 0.02  # absolute rise allowed
+    forget_quality: float = 0.5  # the value must stay >= this fraction of the gated value
+
+    def limit(self, metric: str, gated: float) -> tuple[float, str]:
+        if metric == "forget_prob":
+            return gated + self.forget_prob, f"<= {gated:.4g} + {self.forget_prob:g}"
+        return gated * self.forget_quality, f">= {self.forget_quality:g} * {gated:.4g}"
+
+
+def still_forgotten(label: str, gated: dict, now: dict, tolerance: Tolerance,
+                    reasons: dict | None = None) -> list[Verdict]:
+    """Verdicts for one earlier request: each metric recorded when it was gated must be no worse
+    now (within ``tolerance``). A metric recorded then but unavailable now fails (fail closed)."""
+    verdicts = []
+    for metric, direction in STILL_FORGOTTEN:
+        old = gated.get(metric)
+        if old is None:
+            continue
+        limit, threshold = tolerance.limit(metric, old)
+        rule = f"{label}: {metric} {threshold}"
+        value = now.get(metric)
+        if value is None:
+            why = (reasons or {}).get(metric, "not computed")
+            verdicts.append(Verdict(rule, metric, None, threshold, False,
+                                    f"{metric} of {label} is unavailable now: {why}"))
+            continue
+        passed = value <= limit if direction == "lower" else value >= limit
+        verdicts.append(Verdict(rule, metric, float(value), threshold, bool(passed),
+                                "" if passed else f"{label} is less forgotten than when it was gated"))
+    return verdicts
+
+
+def judge(rules: list[str], after: dict, before: dict | None = None, reasons: dict | None = None,
+          history: list[dict] | None = None) -> GateResult:
+    """The whole gate: ``rules`` over the candidate's aggregates, and each earlier deletion request's
+    re-check (``history`` items: ``label``, ``gated``, ``now``, ``tolerance``, ``unavailable``)."""
+    gate = evaluate_gate(parse_rules(rules), after, before, reasons)
+    for item in history or []:
+        gate.verdicts += still_forgotten(item["label"], item["gated"], item["now"],
+                                         Tolerance(**item["tolerance"]), item.get("unavailable"))
+    gate.passed = all(v.passed for v in gate.verdicts)
+    return gate
