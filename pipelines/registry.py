@@ -119,7 +119,10 @@ def judge_and_register(client, run_id: str, model_uri: str, *, rules: list[str],
     if not gate.passed or not model_name:
         return Registration(gate, None)
     _ensure_registered_model(client, model_name)
-    version = str(client.create_model_version(model_name, model_uri, run_id=run_id).version)
+    # a tracking server wants the logged model's id beside its models:/ URI
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(model_name, model_uri, run_id=run_id, model_id=model_id).version
+    version = str(version)
     requests.append(request_entry(lineage, after, version))
     client.update_model_version(model_name, version, description=model_card(
         model_name, lineage, gate, after, before, requests, history))
