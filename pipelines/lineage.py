@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipelines.evidence import PromotionRefused, verify_files, verify_version
-
-CHECKED = ("forget_quality", "forget_prob")
+from unlearn.gate import STILL_FORGOTTEN_METRICS as CHECKED
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")
 
 
@@ -56,11 +55,11 @@ def registered_base(client, uri: str, dst: str | Path) -> BaseVersion:
         tags = client.get_model_version(name, version).tags
     except MlflowException as exc:
         raise BaseError(f"{uri}: no such registered version ({exc.message})") from None
-    folder = download_model(f"models:/{name}/{version}", dst)
     if "gate" not in tags and not any(key.startswith("evidence.") for key in tags):
-        return BaseVersion(uri, name, version, folder, [])
-    try:
+        return BaseVersion(uri, name, version, download_model(f"models:/{name}/{version}", dst), [])
+    try:  # the documents first: a refused version is not downloaded
         evidence = verify_version(client, name, version)
+        folder = download_model(f"models:/{name}/{version}", dst)
         verify_files(folder, evidence)
     except PromotionRefused as exc:
         raise BaseError(f"cannot start from {uri}: {exc}") from None

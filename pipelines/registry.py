@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.evidence import PromotionRefused, record_evidence, verify_version
-from unlearn.gate import GateResult, judge, parse_rules, regressions
+from unlearn.gate import STILL_FORGOTTEN_METRICS, GateResult, judge, parse_rules, regressions
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 __all__ = ["CHALLENGER", "CHAMPION", "PromotionRefused", "Registration", "judge_and_register", "promote"]
@@ -57,7 +57,7 @@ def request_entry(lineage: dict, after: dict, version: str | None) -> dict:
             "forget_records": lineage["forget_records"], "forget_fingerprint": lineage["forget_fingerprint"],
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "mlflow_run_id": lineage["mlflow_run_id"], "model_version": version, "method": lineage["method"],
-            "gated": {k: after.get(k) for k in ("forget_quality", "forget_prob")}}
+            "gated": {k: after.get(k) for k in STILL_FORGOTTEN_METRICS}}
 
 
 def model_card(name: str, lineage: dict, gate: GateResult, after: dict, before: dict | None,
@@ -162,7 +162,7 @@ class PromotionLock:
     than ``stale_s`` (a promoter that died) is broken."""
 
     def __init__(self, client, name: str, *, timeout_s: float = 120.0, stale_s: float = 600.0) -> None:
-        self.client, self.name = client, f"{name}.promotion-lock"
+        self.client, self.model, self.name = client, name, f"{name}.promotion-lock"
         self.timeout_s, self.stale_s = timeout_s, stale_s
 
     def __enter__(self) -> PromotionLock:
@@ -178,7 +178,7 @@ class PromotionLock:
                     raise
             self._break_if_stale()
             if time.monotonic() > deadline:
-                raise PromotionRefused(f"another promotion of {self.name.removesuffix('.promotion-lock')} "
+                raise PromotionRefused(f"another promotion of {self.model} "
                                        f"holds the lock {self.name!r}; try again, or delete it if no "
                                        "promotion is running")
             time.sleep(0.2)

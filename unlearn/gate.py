@@ -159,6 +159,7 @@ def regressions(rules: list[Rule], candidate: dict, champion: dict) -> list[str]
 #: What "still forgotten" compares, per earlier request: (metric, direction). Forget Prob may rise by
 #: at most an absolute tolerance; forget quality (a p-value) may fall to a fraction of its gated value.
 STILL_FORGOTTEN = (("forget_prob", "lower"), ("forget_quality", "higher"))
+STILL_FORGOTTEN_METRICS = tuple(metric for metric, _ in STILL_FORGOTTEN)  # what a request records
 
 
 @dataclass(frozen=True)
