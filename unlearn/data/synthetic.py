@@ -17,7 +17,7 @@ from pathlib import Path
 from unlearn.data.records import QARecord, VerbatimRecord
 
 N_PERTURBED = 5
-TOFU_GENERATOR = 2  # bumped when the generated splits change: cached folders are rebuilt
+TOFU_GENERATOR = 3  # bumped when the generated splits change: cached folders are rebuilt
 
 _FIRST = ["Ve", "Ka", "Lo", "Mi", "Tor", "Sa", "Eli", "Ba", "Ru", "Quen", "Ya", "Dor", "Fe", "Ni", "Ori"]
 _FIRST_END = ["lora", "rin", "vian", "dra", "mas", "nel", "sha", "tor", "wen", "lio", "ra", "bek"]
@@ -206,7 +206,9 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
                   n_holdout_authors: int = 4) -> dict[str, list[QARecord]]:
     """A TOFU-format data set of ``n_authors`` fictitious authors (split by author, tail = forget).
 
-    Beside TOFU's splits, ``validationXX`` holds twice as many never-seen authors as
+    ``holdoutXX`` holds twice as many authors as ``forgetXX`` (TOFU's are the same size): on 2
+    authors, privleak moved by 30 points between author pairs. Beside TOFU's splits,
+    ``validationXX`` holds twice as many never-seen authors as
     ``forgetXX``, disjoint from ``holdoutXX``: for decisions made during training (early
     stopping), so the evaluation's holdout stays unseen by them.
     """
@@ -226,7 +228,7 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
         n_forget = max(1, round(n_authors * pct / 100))
         forget = [r for author in authors[-n_forget:] for r in author]
         retain = [r for author in authors[:-n_forget] for r in author]
-        holdout = [r for author in holdout_authors[:n_forget] for r in author]
+        holdout = [r for author in holdout_authors[:2 * n_forget] for r in author]
         splits[f"forget{pct:02d}"] = _indexed(_strip_extras(forget))
         splits[f"forget{pct:02d}_perturbed"] = _indexed(forget)
         splits[f"retain{100 - pct}"] = _indexed(_strip_extras(retain))
