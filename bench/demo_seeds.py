@@ -91,8 +91,9 @@ def plot_stop_curves(curves: dict[str, dict], out_file: Path) -> Path | None:
     for label, stop in curves.items():
         seed, mode = label.rsplit(" ", 1)
         color = colors.setdefault(seed, f"C{len(colors)}")
-        epochs = sorted(int(e) for e in stop["auc_by_epoch"])
-        ax.plot(epochs, [stop["auc_by_epoch"][str(e)] for e in epochs], ":" if mode == "ray" else "-",
+        epochs = sorted(stop["auc_by_epoch"], key=float)
+        ax.plot([float(e) for e in epochs], [stop["auc_by_epoch"][e] for e in epochs],
+                ":" if mode == "ray" else "-",
                 marker="." if mode == "ray" else None, color=color, label=label)
         ax.axhline(stop["target_auc"], linestyle="--", linewidth=0.8, color=color)
     ax.set_xlabel("epochs done")

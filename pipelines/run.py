@@ -542,14 +542,15 @@ def scan_inputs(cfg: Config, spec: str, objective, data) -> None:
 
 def stop_summary(client, run_id: str, final: dict, target: float | None) -> dict | None:
     """Early stopping's record from the worker's last report and the ``stop_auc`` metric that
-    rank 0 logged at each check (its MLflow step: epochs done)."""
+    rank 0 logged at each check (its MLflow step: steps done)."""
     from unlearn.workflow import stop_record
 
     if target is None:
         return None
     stopped = final.get("stopped_after_epochs", -1)
-    aucs = {m.step: m.value for m in client.get_metric_history(run_id, "stop_auc")}
-    return stop_record(target, None if stopped < 0 else int(stopped), aucs)
+    per_epoch = final.get("steps_per_epoch", 1.0)
+    aucs = {m.step / per_epoch: m.value for m in client.get_metric_history(run_id, "stop_auc")}
+    return stop_record(target, None if stopped < 0 else stopped, aucs)
 
 
 def run_demo_pipeline(cfg: Config) -> dict:

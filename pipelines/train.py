@@ -251,7 +251,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from unlearn.loop import Unlearner, build_optimizer, build_scheduler, mean_nll
     from unlearn.models import frozen_copy, load_model, load_tokenizer
     from unlearn.objectives import EGUP
-    from unlearn.workflow import build_dual, build_objective, build_stopper, make_batches
+    from unlearn.report import stop_line
+    from unlearn.workflow import build_dual, build_objective, build_stopper, make_batches, stop_record
 
     cfg = build_config(loop_config["config"])
     spec = loop_config["model"]
@@ -357,18 +358,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     every = cfg.ray.checkpoint_every or steps_per_epoch
     step, stopped_at = start_step, None
     for epoch in range(start_step // steps_per_epoch, t.epochs):
-        # At an epoch boundary only: a run resumed there measures the same weights again.
-        if stopper is not None and step == epoch * steps_per_epoch and stopper.should_stop(model, epoch):
-            stopped_at = epoch
-        if stopper is not None and stopper.history and stopper.history[-1][0] == epoch:
-            logger.log(epoch, {"stop_auc": stopper.history[-1][1]}, force=True)  # step: epochs done
-        if stopped_at is not None:
-            if rank == 0:
-                log.warning("early stopping after %d epochs: forget-vs-unseen AUC %.3f <= %.3f",
-                            epoch, stopper.history[-1][1], stopper.auc)
-            break
         groups = grouped(pairs_for(epoch), t.grad_accum)
         for group in itertools.islice(groups, step - epoch * steps_per_epoch, None):
+            # At fixed steps: a run resumed from a checkpoint measures the same weights again.
+            if stopper is not None and stopper.due(step, steps_per_epoch) is not None:
+                stop = stopper.should_stop_before(model, step, steps_per_epoch)
+                logger.log(step, {"stop_auc": stopper.history[-1][1]}, force=True)  # step: steps done
+                if stop:
+                    stopped_at = stopper.stopped_at
+                    break
             metrics = mean_metrics(unlearner.step(group), ("loss", "forget_loss", "retain_loss", "slack",
                                                            "grad_norm", "tokens", "tokens_per_s"))
             step = unlearner.global_step
@@ -388,6 +386,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(_reportable(metrics), checkpoint=checkpoint)
             # Between checkpoints nothing is reported to Ray (a report synchronises every worker
             # with the controller); the step metrics go to MLflow from rank 0.
+        if stopped_at is not None:
+            if rank == 0:
+                log.warning("early stopping: %s", stop_line(stop_record(stopper.auc, stopped_at,
+                                                                     dict(stopper.history))))
+            break
         epoch_eval = loop_config.get("epoch_eval")
         if epoch_eval is not None and epoch + 1 < t.epochs:
             # For Tune's early stopping (forwarded to the trial by TuneReportCallback). The last
@@ -399,7 +402,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              checkpoint=None)
 
     final = {"step": float(step), "done": 1.0,
-             "stopped_after_epochs": float(-1 if stopped_at is None else stopped_at)}
+             "stopped_after_epochs": float(-1 if stopped_at is None else stopped_at),
+             "steps_per_epoch": float(steps_per_epoch)}
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_full_model(model, tokenizer, spec, Path(tmp) / "model")
         if exported is not None:

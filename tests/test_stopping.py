@@ -12,6 +12,7 @@ from unlearn.data.synthetic import synthetic_source
 from unlearn.eval import metrics
 from unlearn.eval.scoring import token_scores
 from unlearn.models import load_model, load_tokenizer
+from unlearn.report import stop_line
 from unlearn.stopping import ForgetHoldoutStop, min_k_scores, sharded_scores
 from unlearn.workflow import encode_records, load_unlearn_data, make_batches, run_unlearning
 
@@ -74,6 +75,58 @@ def test_the_rule_waits_for_min_epochs_and_stops_at_its_auc(tiny, splits):
     assert stop.history == [(2, 0.5)]
     assert model.training  # measuring restores the training mode
     assert not ForgetHoldoutStop(forget, forget, auc=0.49, min_epochs=0).should_stop(model, 0)
+
+
+@pytest.mark.parametrize("steps_per_epoch, checks, min_epochs, expected", [
+    (4, 4, 1, {4: 1, 5: 1.25, 6: 1.5, 7: 1.75, 8: 2}),
+    (5, 2, 1, {5: 1, 7: 1.4, 10: 2}),  # offsets 0 and 5 * 1 // 2 = 2
+    (3, 1, 0, {0: 0, 3: 1, 6: 2}),  # once per epoch, at its start
+    (2, 4, 1, {2: 1, 3: 1.5, 4: 2}),  # more checks than steps: one before every step
+])
+def test_checks_fall_on_evenly_spaced_steps_from_min_epochs(steps_per_epoch, checks, min_epochs, expected):
+    stop = ForgetHoldoutStop([], [], min_epochs=min_epochs, checks_per_epoch=checks)
+    due = {step: stop.due(step, steps_per_epoch) for step in range(2 * steps_per_epoch + 1)}
+    assert {step: done for step, done in due.items() if done is not None} == expected
+
+
+def test_a_check_inside_an_epoch_stops_before_the_next_step(tmp_path, monkeypatch):
+    # 16 forget records, batch 4: 4 steps per epoch; AUCs 0.9, 0.8, 0.3 at 1, 1.25 and 1.5 epochs
+    aucs = iter([0.9, 0.8, 0.3])
+    monkeypatch.setattr(ForgetHoldoutStop, "measure", lambda self, model: next(aucs))
+    cfg = build_config({}, [f"output_dir={tmp_path}", "stop.auc=0.5", "stop.checks_per_epoch=4",
+                            "train.epochs=3"])
+    result = run_unlearning(cfg, "tiny", progress=False)
+    assert result["stop"]["stopped_after_epochs"] == 1.5
+    assert result["stop"]["auc_by_epoch"] == {"1": 0.9, "1.25": 0.8, "1.5": 0.3}
+    assert [m["epoch"] for m in result["history"]] == [0.0] * 4 + [1.0] * 2
+    assert "stopped after 1.5 epochs" in stop_line(result["stop"])
+
+
+def _stopped_run(tmp_path, monkeypatch, name, aucs, *overrides):
+    sequence = iter(aucs)
+    monkeypatch.setattr(ForgetHoldoutStop, "measure", lambda self, model: next(sequence))
+    cfg = build_config({}, [f"output_dir={tmp_path / name}", "stop.auc=0.5", "stop.checks_per_epoch=4",
+                            "train.epochs=3", *overrides])
+    result = run_unlearning(cfg, "tiny", progress=False)
+    return result, load_model(result["model_dir"]).state_dict()
+
+
+def test_the_run_ends_with_the_weights_of_the_check_closer_to_the_target(tmp_path, monkeypatch):
+    # the crossing at 1.5 epochs (0.1) is farther from 0.5 than the check before it (0.52)
+    crossed, kept = _stopped_run(tmp_path, monkeypatch, "crossed", [0.9, 0.52, 0.1])
+    assert crossed["stop"]["stopped_after_epochs"] == 1.25
+    assert crossed["stop"]["auc_by_epoch"] == {"1": 0.9, "1.25": 0.52, "1.5": 0.1}
+    assert len(crossed["history"]) == 6  # the step after 1.25 epochs ran and was undone
+    assert "kept: closer to 0.500 than 0.100 after 1.5 epochs" in stop_line(crossed["stop"])
+    # the same weights as a run that stopped right there
+    exact, weights = _stopped_run(tmp_path, monkeypatch, "exact", [0.9, 0.3])
+    assert exact["stop"]["stopped_after_epochs"] == 1.25 and len(exact["history"]) == 5
+    assert all(torch.equal(kept[k], weights[k]) for k in weights)
+    assert crossed["after"] == exact["after"]
+    # nearer below than above: the crossing's weights; keep_closer off: always the crossing's
+    for name, aucs, flag in (("below", [0.9, 0.8, 0.45], "true"), ("off", [0.9, 0.52, 0.1], "false")):
+        result, _ = _stopped_run(tmp_path, monkeypatch, name, aucs, f"stop.keep_closer={flag}")
+        assert result["stop"]["stopped_after_epochs"] == 1.5 and len(result["history"]) == 6, name
 
 
 def test_the_default_stop_split_is_validation_xx_disjoint_from_every_other_author(tmp_path):

@@ -232,6 +232,7 @@ def test_streamed_pipeline_from_a_uri_on_two_workers(ray_cluster, finetuned, sha
                             f"data.source=file://{shards}",
                             "data.streaming=true", "ray.cpus_per_worker=0.5", "train.epochs=2",
                             "eval.before=false", "eval.max_new_tokens=16", "ray.checkpoint_every=2",
+                            "stop.checks_per_epoch=1",
                             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
     summary = run_pipeline(cfg, report["target"], reference=report["retain"])
     forget_rows = len(load_qa(shards, "forget10"))

@@ -170,6 +170,10 @@ class StopConfig(_Strict):
                               "split is at most this; default: that AUC under the reference (retain) "
                               "model when one is given, else 0.5")
     min_epochs: int = Field(1, ge=0, description="epochs that run before the first check")
+    checks_per_epoch: int = Field(4, ge=1, description="checks at evenly spaced steps of each epoch "
+                                  "(each scores the forget set and the split: a forward pass over both)")
+    keep_closer: bool = Field(True, description="end with the weights of whichever of the last two "
+                              "checks is closer to stop.auc (a host copy of the trainable weights)")
     batch_size: int = Field(16, ge=1)
 
 

@@ -36,13 +36,17 @@ def print_unlearn_table(result: dict) -> None:
 
 def stop_line(stop: dict) -> str:
     """One line on what early stopping did (``unlearn.workflow.stop_record``)."""
-    aucs = stop["auc_by_epoch"]
-    last = f"{aucs[max(aucs, key=int)]:.3f}" if aucs else "n/a"
-    target = f"{stop['target_auc']:.3f}"
+    aucs, target = stop["auc_by_epoch"], stop["target_auc"]
+    last = max(aucs, key=float) if aucs else None
     if stop["stopped_after_epochs"] is None:
-        return f"early stopping: ran every epoch; forget-vs-unseen Min-k AUC {last}, never <= {target}"
-    return (f"early stopping: stopped after {stop['stopped_after_epochs']} epochs; forget-vs-unseen "
-            f"Min-k AUC {last} <= {target}")
+        value = f"{aucs[last]:.3f}" if last else "n/a"
+        return f"early stopping: ran every epoch; forget-vs-unseen Min-k AUC {value}, never <= {target:.3f}"
+    kept = str(stop["stopped_after_epochs"])
+    line = f"early stopping: stopped after {kept} epochs; forget-vs-unseen Min-k AUC {aucs[kept]:.3f}"
+    if kept == last:
+        return f"{line} <= {target:.3f}"
+    return (f"{line}, kept: closer to {target:.3f} than {aucs[last]:.3f} after {last} epochs, "
+            "where it crossed")
 
 
 DYNAMICS_PANELS = (("forget loss", ("forget_loss",)), ("retain loss vs eps", ("retain_loss", "eps")),

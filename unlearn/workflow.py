@@ -164,8 +164,9 @@ def build_stopper(cfg: Config, pad_token_id: int, forget_features: list, stop_fe
     stop = make_batches(stop_features, size, pad_token_id)
     if target is None:
         target = stop_target(cfg, forget, stop, reference)
-    return ForgetHoldoutStop(forget, stop, auc=target, min_epochs=cfg.stop.min_epochs, rank=rank,
-                             world=world, gather=gather)
+    return ForgetHoldoutStop(forget, stop, auc=target, min_epochs=cfg.stop.min_epochs,
+                             checks_per_epoch=cfg.stop.checks_per_epoch,
+                             keep_closer=cfg.stop.keep_closer, rank=rank, world=world, gather=gather)
 
 
 def stop_target(cfg: Config, forget: list, stop: list, reference: str | None) -> float:
@@ -183,10 +184,17 @@ def stop_target(cfg: Config, forget: list, stop: list, reference: str | None) ->
     return target
 
 
-def stop_record(target: float, stopped_at: int | None, auc_by_epoch: dict[int, float]) -> dict:
-    """What early stopping did, for the run's record and summary (one process and Ray alike)."""
-    return {"target_auc": target, "stopped_after_epochs": stopped_at,
-            "auc_by_epoch": {str(epoch): auc for epoch, auc in sorted(auc_by_epoch.items())}}
+def stop_record(target: float, stopped_at: float | None, auc_by_epoch: dict[float, float]) -> dict:
+    """What early stopping did, for the run's record and summary (one process and Ray alike).
+
+    Epochs done are fractional between epoch ends (``stop.checks_per_epoch``): keys "1", "1.25".
+    """
+    def epochs(value: float) -> int | float:
+        value = round(float(value), 3)
+        return int(value) if value.is_integer() else value
+
+    return {"target_auc": target, "stopped_after_epochs": None if stopped_at is None else epochs(stopped_at),
+            "auc_by_epoch": {str(epochs(done)): auc for done, auc in sorted(auc_by_epoch.items())}}
 
 
 def check_never_seen(stop: list, seen: dict[str, list]) -> None:
@@ -390,11 +398,8 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
                           chunk_size=t.loss_chunk_size, backward_per_term=t.backward_per_term)
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
-    stopped_at = None
+    stopped_at, step = None, 0
     for epoch in range(t.epochs):
-        if stopper is not None and stopper.should_stop(model, epoch):
-            stopped_at = epoch
-            break
         forget = make_batches(forget_features, t.batch_size, pad, shuffle=True, seed=t.seed + epoch,
                               bucket=t.bucket_by_length)
         retain = make_batches(retain_features, t.batch_size, pad, shuffle=True,
@@ -402,7 +407,11 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
                               bucket=t.bucket_by_length) if objective.wants_retain() else None
         pairs = list(pair_batches(forget, retain))
         for start in range(0, len(pairs), t.grad_accum):
+            if stopper is not None and stopper.should_stop_before(model, step, steps_per_epoch):
+                stopped_at = stopper.stopped_at
+                break
             metrics = unlearner.step(pairs[start:start + t.grad_accum])
+            step += 1
             metrics["epoch"] = float(epoch)
             history.append(metrics)
             if on_step is not None:
@@ -410,6 +419,8 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("forget_loss", "retain_loss", "lam")
                              if k in metrics})
+        if stopped_at is not None:
+            break
     bar.close()
     if stopper is not None and stopped_at is None:
         log.warning("early stopping: the forget set's AUC did not reach %.3f in %d epochs (last %s)",
