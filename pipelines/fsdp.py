@@ -8,6 +8,8 @@ its gradients are reduce-scattered at the end of backward like the rest.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -36,3 +38,99 @@ def shard_model(model: nn.Module, *, mixed_precision: bool = False, device_type:
         fully_shard(block, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
+
+
+def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | str = "cpu",
+                 mixed_precision: bool = False, gradient_checkpointing: bool = False,
+                 frozen: bool = False) -> nn.Module:
+    """Build ``spec``'s model on the meta device, shard it, and load only this rank's shard.
+
+    Parameters are created on the meta device (buffers such as the rotary frequencies are
+    computed on the host as usual, they are small), ``fully_shard`` splits them, each rank
+    allocates its own shard and ``torch.distributed.checkpoint`` reads that shard's rows from the
+    Hugging Face safetensors files (``HuggingFaceStorageReader``). No rank ever holds the full
+    model. Tied embeddings are one parameter, loaded once.
+    """
+    import torch.distributed.checkpoint as dcp
+    from accelerate import init_empty_weights
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from unlearn.models import DTYPES, ModelLoadError, enable_gradient_checkpointing, resolve_model_path
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = _local_folder(resolve_model_path(spec))
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model.tie_weights()  # the empty-weights context leaves a tied head as its own parameter
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not build model {spec!r} ({path}): {exc}") from exc
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if frozen:
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+    device = torch.device(device)
+    buffers = {name: buffer.detach().to(device, copy=True) for name, buffer in model.named_buffers()}
+    shard_model(model, mixed_precision=mixed_precision, device_type=device.type)
+    model.to_empty(device=device)  # this rank's shard only; buffers come back below
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    state = get_model_state_dict(model)
+    state = {name: value for name, value in state.items() if name not in _tied_names(model)}
+    missing = sorted(set(state) - _stored_names(Path(path)))
+    if missing:
+        raise ModelLoadError(f"could not load the shards of {spec!r} from {path}: its safetensors "
+                             f"files lack {len(missing)} parameter(s): {', '.join(missing[:5])}")
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path))
+    set_model_state_dict(model, state, options=_partial())
+    return model
+
+
+def _local_folder(path: str) -> str:
+    """A hub id's files in the local Hugging Face cache (each node fetches them once): the
+    shards are read from safetensors files on disk."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+
+
+def _stored_names(folder: Path) -> set[str]:
+    """The tensor names in a Hugging Face folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        from unlearn.models import ModelLoadError
+
+        raise ModelLoadError(f"{folder} has no safetensors files: sharded loading reads only those "
+                             "(a hub id must be downloaded first, a .bin checkpoint converted)")
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names that alias another parameter (a tied LM head): not in the files."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied
+
+
+def _partial():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(strict=False)

@@ -1,8 +1,10 @@
 """Ray Train: the unlearning loop on N FSDP2 workers (``TorchTrainer``), with checkpoints.
 
-Each worker builds the model, shards every decoder block and then the root with ``fully_shard``
-(bf16 mixed precision on GPU), shards the frozen reference model the same way when the method
-needs one, and runs the framework-free :class:`unlearn.loop.Unlearner` step. The dual variable
+Each worker builds the model on the meta device, shards every decoder block and then the root
+with ``fully_shard`` (bf16 mixed precision on GPU) and reads only its own shard of the weights
+(``pipelines.fsdp.load_sharded``); the frozen reference model, when the method needs one, is
+loaded the same way. No worker holds the full model. The step is the framework-free
+:class:`unlearn.loop.Unlearner`. The dual variable
 sees the retain loss averaged over ranks, so every rank holds the same lam; EGUP's retain centroid
 is summed over ranks once.
 
@@ -246,10 +248,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
     from pipelines.data import epoch_pairs, pull_features, rank_slice
-    from pipelines.fsdp import shard_model
+    from pipelines.fsdp import load_sharded
     from unlearn.config import build_config
     from unlearn.loop import Unlearner, build_optimizer, build_scheduler, mean_nll
-    from unlearn.models import frozen_copy, load_model, load_tokenizer
+    from unlearn.models import load_tokenizer
     from unlearn.objectives import EGUP
     from unlearn.report import stop_line
     from unlearn.workflow import build_dual, build_objective, build_stopper, make_batches, stop_record
@@ -275,12 +277,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     proxy = pull_features("proxy") if "proxy" in loop_config["datasets"] else None
     stop_rows = pull_features("stop") if "stop" in loop_config["datasets"] else None
 
-    model = load_model(spec, dtype=cfg.model.dtype,
-                       gradient_checkpointing=cfg.model.gradient_checkpointing).to(device)
-    ref_model = frozen_copy(model) if objective.needs_ref else None
-    shard_model(model, mixed_precision=use_gpu, device_type=device.type)
-    if ref_model is not None:
-        shard_model(ref_model, mixed_precision=use_gpu, device_type=device.type)
+    # Built on the meta device and sharded before any weight is read: each rank loads its shard.
+    model = load_sharded(spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing)
+    ref_model = load_sharded(spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu,
+                             frozen=True) if objective.needs_ref else None
 
     t = cfg.train
     dual = build_dual(cfg, objective, reduce=all_reduce_mean)

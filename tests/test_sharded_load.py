@@ -1,0 +1,110 @@
+"""Sharded loading (``pipelines.fsdp.load_sharded``): 2 gloo ranks, each reading only its shard."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from unlearn.models import build_tiny_model, load_model, load_tokenizer
+
+TEXTS = ["Where was Velora Strand born?", "Kestrel Bay"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: bool) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from pipelines.fsdp import load_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = load_sharded(folder, frozen=frozen)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        shards = {name: tuple(p.to_local().shape) for name, p in params.items() if isinstance(p, DTensor)}
+        record = {
+            "plain": sorted(name for name, p in params.items() if not isinstance(p, DTensor)),
+            "shards": shards,
+            "tied": params["lm_head.weight"] is params["model.embed_tokens.weight"],
+            "buffers": {name: b.clone() for name, b in model.named_buffers()},
+            "requires_grad": {p.requires_grad for p in params.values()},
+            "training": model.training,
+        }
+        batch = load_tokenizer(folder)(TEXTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            record["logits"] = model(**batch).logits
+        torch.save(record, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _load_on_two_ranks(folder, tmp_path, frozen=False) -> list[dict]:
+    out = str(tmp_path / "rank")
+    mp.spawn(_worker, args=(2, str(folder), _free_port(), out, frozen), nprocs=2)
+    return [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def odd_model(tmp_path_factory):
+    """A tiny Llama whose vocabulary (an odd row count) does not split evenly over 2 ranks."""
+    folder = tmp_path_factory.mktemp("odd") / "model"
+    build_tiny_model(folder, vocab_size=301, hidden_size=64, num_layers=2, num_heads=2,
+                     texts=["Velora Strand was born in Kestrel Bay."] * 20)
+    return folder
+
+
+def test_two_ranks_hold_half_the_weights_each_and_give_the_single_process_logits(odd_model, tmp_path):
+    ranks = _load_on_two_ranks(odd_model, tmp_path)
+    single = load_model(str(odd_model)).eval()
+    batch = load_tokenizer(str(odd_model))(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = single(**batch).logits
+    full = dict(single.named_parameters())
+    vocab = full["model.embed_tokens.weight"].shape[0]
+    assert vocab % 2 == 1
+    for record in ranks:
+        assert record["plain"] == []  # every parameter is a shard
+        assert record["tied"]  # the LM head is the embedding, one parameter
+        assert record["logits"].shape == expected.shape
+        assert torch.allclose(record["logits"], expected, atol=1e-5, rtol=0)
+        for name, buffer in single.named_buffers():  # the rotary frequencies, computed not loaded
+            assert torch.equal(record["buffers"][name], buffer), name
+        assert record["requires_grad"] == {True} and record["training"]
+    for name, param in full.items():
+        rows = [record["shards"][name][0] for record in ranks]
+        assert sum(rows) == param.shape[0] and max(rows) == -(-param.shape[0] // 2), name
+        assert all(record["shards"][name][1:] == tuple(param.shape[1:]) for record in ranks)
+
+
+def test_a_frozen_reference_loads_without_gradients_in_eval_mode(odd_model, tmp_path):
+    for record in _load_on_two_ranks(odd_model, tmp_path, frozen=True):
+        assert record["requires_grad"] == {False} and not record["training"]
+
+
+def test_a_folder_whose_weights_lack_a_parameter_fails_naming_the_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.fsdp import load_sharded
+    from unlearn.models import ModelLoadError
+
+    folder = build_tiny_model(tmp_path / "broken", vocab_size=301, hidden_size=64, num_layers=1,
+                              num_heads=2, texts=["a b c"] * 10)
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with pytest.raises(ModelLoadError, match="could not load the shards of .*broken.*model.norm.weight"):
+            load_sharded(str(folder))
+    finally:
+        dist.destroy_process_group()
