@@ -134,3 +134,73 @@ def _partial():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(strict=False)
+
+
+def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
+                   max_shard_bytes: int = 2 << 30) -> Path | None:
+    """Write the sharded ``model`` as a Hugging Face folder (collective): safetensors files of at
+    most ``max_shard_bytes`` each (and their index when there are several), config, tokenizer.
+
+    Tensor by tensor, the ranks gather one full tensor, rank 0 moves it to host memory and writes
+    a file as soon as it is complete: rank 0 holds at most one file's worth in host memory and a
+    GPU one full tensor beside its shards. Nothing needs a file system shared by the ranks.
+    Returns the folder on rank 0, None elsewhere.
+    """
+    import json
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig, GenerationConfig
+
+    from unlearn.models import resolve_model_path
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tied = _tied_names(model)
+    state = {name: value for name, value in get_model_state_dict(model).items() if name not in tied}
+    plan = _file_plan(state, max_shard_bytes)
+    files = max(plan.values())
+    out_dir = Path(out_dir)
+    weight_map: dict[str, str] = {}
+    for number in range(1, files + 1):
+        name = "model.safetensors" if files == 1 else f"model-{number:05d}-of-{files:05d}.safetensors"
+        tensors = {}
+        for key in (key for key, index in plan.items() if index == number):
+            value = state[key]
+            full = value.full_tensor() if isinstance(value, DTensor) else value  # a collective
+            if rank == 0:
+                tensors[key] = full.detach().to("cpu", copy=True).contiguous()
+                weight_map[key] = name
+            del full
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        del tensors
+    if rank != 0:
+        return None
+    if files > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    source = _local_folder(resolve_model_path(spec))
+    config = AutoConfig.from_pretrained(source)
+    config.dtype = next(iter(state.values())).dtype
+    config.save_pretrained(out_dir)
+    if (Path(source) / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(source).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _file_plan(state: dict, max_bytes: int) -> dict[str, int]:
+    """Each tensor's file number (1..N), in state-dict order, starting a new file whenever the
+    current one would pass ``max_bytes`` (a larger tensor gets a file of its own)."""
+    plan, index, used = {}, 1, 0
+    for name, value in state.items():
+        size = value.numel() * value.element_size()  # the global tensor's size
+        if used and used + size > max_bytes:
+            index, used = index + 1, 0
+        plan[name] = index
+        used += size
+    return plan

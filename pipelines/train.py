@@ -159,11 +159,11 @@ def gather_full_model(model, spec: str):
 
 
 def export_full_model(model, tokenizer, spec: str, out_dir: Path) -> Path | None:
-    """Gather the full model (collective) and, on rank 0, save a ``from_pretrained`` folder."""
-    from unlearn.models import save_model
+    """Write the model as a ``from_pretrained`` folder (collective; ``pipelines.fsdp.export_sharded``:
+    no rank gathers the full model); the folder on rank 0, None elsewhere."""
+    from pipelines.fsdp import export_sharded
 
-    full = gather_full_model(model, spec)
-    return None if full is None else save_model(full, tokenizer, out_dir)
+    return export_sharded(model, tokenizer, spec, out_dir)
 
 
 def evaluate_epoch(model, tokenizer, spec: str, epoch_eval: dict, device: torch.device) -> float:

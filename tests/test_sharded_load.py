@@ -19,7 +19,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: bool) -> None:
+def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: bool,
+            export: str | None) -> None:
     from torch.distributed.tensor import DTensor
 
     from pipelines.fsdp import load_sharded
@@ -42,15 +43,20 @@ def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: boo
         batch = load_tokenizer(folder)(TEXTS, return_tensors="pt", padding=True)
         with torch.no_grad():
             record["logits"] = model(**batch).logits
+        if export is not None:
+            from pipelines.fsdp import export_sharded
+
+            record["exported"] = export_sharded(model, load_tokenizer(folder), folder, export,
+                                                max_shard_bytes=100_000)
         torch.save(record, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def _load_on_two_ranks(folder, tmp_path, frozen=False) -> list[dict]:
+def _load_on_two_ranks(folder, tmp_path, frozen=False, export=None) -> list[dict]:
     out = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(2, str(folder), _free_port(), out, frozen), nprocs=2)
-    return [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    mp.spawn(_worker, args=(2, str(folder), _free_port(), out, frozen, export), nprocs=2)
+    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +94,29 @@ def test_two_ranks_hold_half_the_weights_each_and_give_the_single_process_logits
 def test_a_frozen_reference_loads_without_gradients_in_eval_mode(odd_model, tmp_path):
     for record in _load_on_two_ranks(odd_model, tmp_path, frozen=True):
         assert record["requires_grad"] == {False} and not record["training"]
+
+
+def test_the_export_writes_a_sharded_folder_that_from_pretrained_reads_back(odd_model, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "exported"
+    ranks = _load_on_two_ranks(odd_model, tmp_path, export=str(out))
+    assert ranks[0]["exported"] == out and ranks[1]["exported"] is None  # rank 0 writes
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    for file in files:  # each file holds only full tensors, within the size limit (or one tensor)
+        with safe_open(str(out / file), framework="pt") as handle:
+            sizes = [handle.get_tensor(k).numel() * 4 for k in handle.keys()]
+        assert sum(sizes) <= 100_000 or len(sizes) == 1, file
+    assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
+    original, exported = load_model(str(odd_model)), load_model(str(out))
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    for name, value in original.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value), name
+    assert load_tokenizer(str(out))(TEXTS)["input_ids"] == load_tokenizer(str(odd_model))(TEXTS)["input_ids"]
 
 
 def test_a_folder_whose_weights_lack_a_parameter_fails_naming_the_model(tmp_path):
