@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from unlearn.models import LoraSettings
+
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks, by the class names HF lists in ``_no_split_modules``."""
@@ -42,21 +44,30 @@ def shard_model(model: nn.Module, *, mixed_precision: bool = False, device_type:
 
 def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | str = "cpu",
                  mixed_precision: bool = False, gradient_checkpointing: bool = False,
-                 frozen: bool = False) -> nn.Module:
+                 frozen: bool = False, lora: LoraSettings | None = None) -> nn.Module:
     """Build ``spec``'s model on the meta device, shard it, and load only this rank's shard.
 
     Parameters are created on the meta device (buffers such as the rotary frequencies are
     computed on the host as usual, they are small), ``fully_shard`` splits them, each rank
     allocates its own shard and ``torch.distributed.checkpoint`` reads that shard's rows from the
     Hugging Face safetensors files (``HuggingFaceStorageReader``). No rank ever holds the full
-    model. Tied embeddings are one parameter, loaded once.
+    model. Tied embeddings are one parameter, loaded once. With ``lora`` the adapters are added
+    before sharding (only they train) and initialised as in one process
+    (``unlearn.models.init_lora_weights``).
     """
     import torch.distributed.checkpoint as dcp
     from accelerate import init_empty_weights
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from unlearn.models import DTYPES, ModelLoadError, enable_gradient_checkpointing, resolve_model_path
+    from unlearn.models import (
+        DTYPES,
+        ModelLoadError,
+        apply_lora,
+        enable_gradient_checkpointing,
+        init_lora_weights,
+        resolve_model_path,
+    )
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -70,6 +81,8 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
         raise ModelLoadError(f"could not build model {spec!r} ({path}): {exc}") from exc
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if lora is not None:
+        model = apply_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     if frozen:
         model.eval()
         for param in model.parameters():
@@ -82,14 +95,25 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
     state = get_model_state_dict(model)
-    state = {name: value for name, value in state.items() if name not in _tied_names(model)}
-    missing = sorted(set(state) - _stored_names(Path(path)))
+    tied = _tied_names(model)
+    # the files' names for the base weights (a LoRA model's differ); the adapters are not in them
+    stored = {base_name(name): value for name, value in state.items()
+              if name not in tied and "lora_" not in name}
+    missing = sorted(set(stored) - _stored_names(Path(path)))
     if missing:
         raise ModelLoadError(f"could not load the shards of {spec!r} from {path}: its safetensors "
                              f"files lack {len(missing)} parameter(s): {', '.join(missing[:5])}")
-    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(path))
+    dcp.load(stored, storage_reader=dcp.HuggingFaceStorageReader(path))
     set_model_state_dict(model, state, options=_partial())
+    if lora is not None:
+        init_lora_weights(model, lora.init_seed)
     return model
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the base model's files: a LoRA model's ``base_model.model.`` prefix
+    and ``.base_layer`` are dropped."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _local_folder(path: str) -> str:
@@ -159,20 +183,32 @@ def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
     rank = dist.get_rank() if dist.is_initialized() else 0
     tied = _tied_names(model)
     state = {name: value for name, value in get_model_state_dict(model).items() if name not in tied}
-    plan = _file_plan(state, max_shard_bytes)
+    scaling = _lora_scaling(model)
+    # the files' tensors: the base weights under their own names, LoRA's merged into them
+    state_of = {base_name(key): key for key in state if "lora_" not in key}
+    plan = _file_plan({name: state[key] for name, key in state_of.items()}, max_shard_bytes)
     files = max(plan.values())
     out_dir = Path(out_dir)
     weight_map: dict[str, str] = {}
+
+    def full(key: str) -> torch.Tensor:
+        value = state[key]
+        return (value.full_tensor() if isinstance(value, DTensor) else value).detach()  # a collective
+
     for number in range(1, files + 1):
         name = "model.safetensors" if files == 1 else f"model-{number:05d}-of-{files:05d}.safetensors"
         tensors = {}
-        for key in (key for key, index in plan.items() if index == number):
-            value = state[key]
-            full = value.full_tensor() if isinstance(value, DTensor) else value  # a collective
+        for out_name in (out_name for out_name, index in plan.items() if index == number):
+            key = state_of[out_name]
+            value = full(key)
+            layer = key.removesuffix(".base_layer.weight")
+            if layer in scaling:  # W + (alpha / r) * B @ A
+                down, up = full(f"{layer}.lora_A.default.weight"), full(f"{layer}.lora_B.default.weight")
+                value = value + scaling[layer] * (up.float() @ down.float()).to(value.dtype)
             if rank == 0:
-                tensors[key] = full.detach().to("cpu", copy=True).contiguous()
-                weight_map[key] = name
-            del full
+                tensors[out_name] = value.to("cpu", copy=True).contiguous()
+                weight_map[out_name] = name
+            del value
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
@@ -191,6 +227,12 @@ def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
         GenerationConfig.from_pretrained(source).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _lora_scaling(model: nn.Module) -> dict[str, float]:
+    """Each LoRA layer's name (as in the state dict) and its scaling alpha / r."""
+    return {name: float(module.scaling["default"]) for name, module in model.named_modules()
+            if hasattr(module, "lora_A") and "default" in getattr(module, "scaling", {})}
 
 
 def _file_plan(state: dict, max_bytes: int) -> dict[str, int]:

@@ -311,8 +311,6 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     cfg, spec, reference = driver_paths(cfg, model, reference)
     out = Path(cfg.output_dir)
     eval_dir = out / "eval"
-    if cfg.model.lora is not None:
-        raise PipelineError("model.lora is not supported by the Ray pipeline yet; use `unlearn forget`")
     # 1. everything that can be wrong, before any worker starts
     objective = build_objective(cfg)
     data = read_inputs(cfg, objective)

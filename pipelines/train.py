@@ -251,10 +251,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipelines.fsdp import load_sharded
     from unlearn.config import build_config
     from unlearn.loop import Unlearner, build_optimizer, build_scheduler, mean_nll
-    from unlearn.models import load_tokenizer
+    from unlearn.models import AdaptersOff, load_tokenizer
     from unlearn.objectives import EGUP
     from unlearn.report import stop_line
-    from unlearn.workflow import build_dual, build_objective, build_stopper, make_batches, stop_record
+    from unlearn.workflow import (
+        build_dual,
+        build_objective,
+        build_stopper,
+        lora_settings,
+        make_batches,
+        stop_record,
+    )
 
     cfg = build_config(loop_config["config"])
     spec = loop_config["model"]
@@ -278,10 +285,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stop_rows = pull_features("stop") if "stop" in loop_config["datasets"] else None
 
     # Built on the meta device and sharded before any weight is read: each rank loads its shard.
+    lora = lora_settings(cfg)
     model = load_sharded(spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu,
-                         gradient_checkpointing=cfg.model.gradient_checkpointing)
-    ref_model = load_sharded(spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu,
-                             frozen=True) if objective.needs_ref else None
+                         gradient_checkpointing=cfg.model.gradient_checkpointing, lora=lora)
+    ref_model = None
+    if objective.needs_ref:  # LoRA: the base is the model with its adapters off, no second copy
+        ref_model = AdaptersOff(model) if lora is not None else load_sharded(
+            spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu, frozen=True)
 
     t = cfg.train
     dual = build_dual(cfg, objective, reduce=all_reduce_mean)

@@ -139,3 +139,22 @@ def test_rerunning_a_failed_run_resumes_it_from_its_checkpoint(make_cfg, uninter
         resumed, reference = _history(summary, key), _history(clean, key)
         assert [s for s, _ in resumed] == [s for s, _ in reference]
         assert resumed[-1][1] == pytest.approx(reference[-1][1], rel=RESUME_TOLERANCE), key
+
+
+@pytest.mark.slow
+def test_lora_on_two_fsdp2_workers_matches_one_process_and_exports_a_merged_model(make_cfg):
+    make, report = make_cfg
+    cfg = make("lora", "model.lora.r=4", "train.epochs=1", "stop.enabled=false", "train.lr=1e-2")
+    summary = run_pipeline(cfg, report["target"], reference=report["retain"])
+    one_process = run_unlearning(cfg, report["target"], reference=report["retain"], progress=False)
+    single = one_process["history"]
+    for key in ("forget_loss", "retain_loss"):
+        distributed = _history(summary, key)
+        assert [s for s, _ in distributed] == list(range(1, len(single) + 1))
+        for h, (step, value) in zip(single, distributed):
+            assert value == pytest.approx(h[key], rel=STEP_TOLERANCE, abs=STEP_FLOOR), f"{key} at step {step}"
+    # the adapters moved the model, and the export is a plain model with them merged in
+    assert summary["after"]["forget_prob"] < report["forget_prob"]["target"] - 0.01
+    assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=0.02)
+    folder = Path(summary["model_dir"])
+    assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from unlearn.models import build_tiny_model, load_model, load_tokenizer
+from unlearn.models import AdaptersOff, LoraSettings, build_tiny_model, load_model, load_tokenizer
 
 TEXTS = ["Where was Velora Strand born?", "Kestrel Bay"]
 
@@ -19,18 +19,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _train_adapters(model) -> None:
+    """Stand-in for training: every lora_B set to seeded random values (it starts at zero)."""
+    from unlearn.models import assign_full
+
+    generator = torch.Generator().manual_seed(7)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            assign_full(param, 0.1 * torch.randn(param.shape, generator=generator))
+
+
 def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: bool,
-            export: str | None) -> None:
+            export: str | None, lora: LoraSettings | None) -> None:
     from torch.distributed.tensor import DTensor
 
-    from pipelines.fsdp import load_sharded
+    from pipelines.fsdp import base_name, load_sharded
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        model = load_sharded(folder, frozen=frozen)
-        params = dict(model.named_parameters(remove_duplicate=False))
+        model = load_sharded(folder, frozen=frozen, lora=lora)
+        if lora is not None:
+            _train_adapters(model)
+        params = {base_name(name): p for name, p in model.named_parameters(remove_duplicate=False)}
         shards = {name: tuple(p.to_local().shape) for name, p in params.items() if isinstance(p, DTensor)}
         record = {
             "plain": sorted(name for name, p in params.items() if not isinstance(p, DTensor)),
@@ -40,9 +52,12 @@ def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: boo
             "requires_grad": {p.requires_grad for p in params.values()},
             "training": model.training,
         }
+        record["trainable"] = sorted(name for name, p in params.items() if p.requires_grad)
         batch = load_tokenizer(folder)(TEXTS, return_tensors="pt", padding=True)
         with torch.no_grad():
             record["logits"] = model(**batch).logits
+            if lora is not None:
+                record["base_logits"] = AdaptersOff(model)(**batch).logits
         if export is not None:
             from pipelines.fsdp import export_sharded
 
@@ -53,9 +68,9 @@ def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: boo
         dist.destroy_process_group()
 
 
-def _load_on_two_ranks(folder, tmp_path, frozen=False, export=None) -> list[dict]:
+def _load_on_two_ranks(folder, tmp_path, frozen=False, export=None, lora=None) -> list[dict]:
     out = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(2, str(folder), _free_port(), out, frozen, export), nprocs=2)
+    mp.spawn(_worker, args=(2, str(folder), _free_port(), out, frozen, export, lora), nprocs=2)
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
 
 
@@ -117,6 +132,29 @@ def test_the_export_writes_a_sharded_folder_that_from_pretrained_reads_back(odd_
     for name, value in original.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value), name
     assert load_tokenizer(str(out))(TEXTS)["input_ids"] == load_tokenizer(str(odd_model))(TEXTS)["input_ids"]
+
+
+def test_lora_on_two_ranks_gives_the_single_process_model_and_exports_it_merged(odd_model, tmp_path):
+    lora = LoraSettings(r=4, alpha=8, init_seed=3)
+    out = tmp_path / "merged"
+    ranks = _load_on_two_ranks(odd_model, tmp_path, export=str(out), lora=lora)
+    single = load_model(str(odd_model), lora=lora)
+    _train_adapters(single)
+    batch = load_tokenizer(str(odd_model))(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected, base = single(**batch).logits, AdaptersOff(single)(**batch).logits
+    plain = load_model(str(odd_model))
+    with torch.no_grad():
+        assert torch.allclose(base, plain(**batch).logits, atol=1e-6)  # adapters off: the base model
+        assert not torch.allclose(expected, base, atol=1e-3)  # the adapters change the output
+    for record in ranks:
+        assert record["trainable"] and all("lora_" in name for name in record["trainable"])
+        assert torch.allclose(record["logits"], expected, atol=1e-5, rtol=0)  # same A init, same B
+        assert torch.allclose(record["base_logits"], base, atol=1e-5, rtol=0)
+    merged, exported = single.merge_and_unload().state_dict(), load_model(str(out)).state_dict()
+    assert set(exported) == set(merged)
+    for name, value in merged.items():
+        assert torch.allclose(exported[name], value, atol=1e-6), name
 
 
 def test_a_folder_whose_weights_lack_a_parameter_fails_naming_the_model(tmp_path):

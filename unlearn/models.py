@@ -52,6 +52,7 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    init_seed: int = 0  # the adapters' initial A matrices (B starts at zero)
 
 
 # --------------------------------------------------------------------------- resolution
@@ -311,7 +312,58 @@ def apply_lora(model: nn.Module, lora: LoraSettings, *, gradient_checkpointing: 
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if not any(p.is_meta for p in model.parameters()):
+        init_lora_weights(model, lora.init_seed)
+    return model
+
+
+@torch.no_grad()
+def init_lora_weights(model: nn.Module, seed: int) -> None:
+    """Every ``lora_A`` Kaiming-uniform (peft's init) from a generator seeded with ``seed``, in
+    parameter order, every ``lora_B`` zero: the same adapters in one process and on N FSDP2 ranks
+    (each rank draws the full matrix and keeps its own rows)."""
+    import math
+
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_A" not in name and "lora_B" not in name:
+            continue
+        full = torch.zeros(param.shape, dtype=torch.float32)
+        if "lora_A" in name:
+            nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        assign_full(param, full)
+
+
+@torch.no_grad()
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Set ``param`` to the full tensor ``full``: a DTensor keeps only this rank's part."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(device=param.device, dtype=param.dtype)
+    if isinstance(param, DTensor):
+        # every rank holds the same full tensor: no communication, each keeps its own shard
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)
+
+
+class AdaptersOff(nn.Module):
+    """The frozen base of a LoRA model without a second copy: its forward runs the same model
+    with the adapters disabled. (The wrapped model is not a submodule, so this view has no
+    parameters of its own.)"""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_lora_model", model)
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self._lora_model.disable_adapter():
+            return self._lora_model(*args, **kwargs)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._lora_model.get_output_embeddings()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

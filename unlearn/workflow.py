@@ -40,7 +40,7 @@ from unlearn.loop import (
     mean_prob,
     pair_batches,
 )
-from unlearn.models import LoraSettings, frozen_copy, load_model, load_tokenizer, save_model
+from unlearn.models import AdaptersOff, LoraSettings, frozen_copy, load_model, load_tokenizer, save_model
 from unlearn.objectives import EGUP, Objective, get_objective
 from unlearn.stopping import ForgetHoldoutStop
 
@@ -343,7 +343,7 @@ def lora_settings(cfg: Config) -> LoraSettings | None:
     if lora is None:
         return None
     return LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                        target_modules=tuple(lora.target_modules))
+                        target_modules=tuple(lora.target_modules), init_seed=cfg.train.seed)
 
 
 def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str | None = None,
@@ -370,7 +370,9 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
 
     model = load_model(spec, dtype=cfg.model.dtype, lora=lora_settings(cfg),
                        gradient_checkpointing=cfg.model.gradient_checkpointing)
-    ref_model = frozen_copy(model) if objective.needs_ref else None
+    ref_model = None
+    if objective.needs_ref:  # LoRA: the base is the model with its adapters off, no second copy
+        ref_model = AdaptersOff(model) if cfg.model.lora is not None else frozen_copy(model)
     dual = build_dual(cfg, objective)
     stop_features = None if data.stop is None else encode_records(tokenizer, data.stop, max_length=max_length)
     stopper = build_stopper(cfg, pad, forget_features, stop_features,
