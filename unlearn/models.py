@@ -217,7 +217,7 @@ def build_tiny_model(
     if texts is None:
         from unlearn.data.synthetic import corpus_texts, generate_muse, generate_tofu
 
-        texts = corpus_texts(generate_tofu(seed=0)) + corpus_texts(generate_muse(seed=0))
+        texts = corpus_texts(generate_tofu(seed=0, holdout_ratio=1)) + corpus_texts(generate_muse(seed=0))
     tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -203,11 +203,13 @@ def _strip_extras(records: list[QARecord]) -> list[QARecord]:
 
 
 def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
-                  n_holdout_authors: int = 4) -> dict[str, list[QARecord]]:
+                  n_holdout_authors: int = 4, holdout_ratio: int = 2) -> dict[str, list[QARecord]]:
     """A TOFU-format data set of ``n_authors`` fictitious authors (split by author, tail = forget).
 
-    ``holdoutXX`` holds twice as many authors as ``forgetXX`` (TOFU's are the same size): on 2
-    authors, privleak moved by 30 points between author pairs. Beside TOFU's splits,
+    ``holdoutXX`` holds ``holdout_ratio`` times as many authors as ``forgetXX`` (TOFU's are the
+    same size; on 2 authors, privleak moved by 30 points between author pairs). The tiny model's
+    tokenizer is trained on the set made with ratio 1, as it was before, so that model and every
+    figure measured on it stay the same. Beside TOFU's splits,
     ``validationXX`` holds twice as many never-seen authors as
     ``forgetXX``, disjoint from ``holdoutXX``: for decisions made during training (early
     stopping), so the evaluation's holdout stays unseen by them.
@@ -228,7 +230,7 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
         n_forget = max(1, round(n_authors * pct / 100))
         forget = [r for author in authors[-n_forget:] for r in author]
         retain = [r for author in authors[:-n_forget] for r in author]
-        holdout = [r for author in holdout_authors[:2 * n_forget] for r in author]
+        holdout = [r for author in holdout_authors[:holdout_ratio * n_forget] for r in author]
         splits[f"forget{pct:02d}"] = _indexed(_strip_extras(forget))
         splits[f"forget{pct:02d}_perturbed"] = _indexed(forget)
         splits[f"retain{100 - pct}"] = _indexed(_strip_extras(retain))
