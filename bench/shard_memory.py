@@ -50,7 +50,7 @@ def _step(model, vocab: int) -> None:
     optimizer.step()
 
 
-def _measure(mode: str, spec: str, rank: int, world: int, port: int, out: str) -> None:
+def _measure(rank: int, mode: str, spec: str, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from transformers import AutoConfig
 
