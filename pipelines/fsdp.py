@@ -49,13 +49,12 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
 
     Parameters are created on the meta device (buffers such as the rotary frequencies are
     computed on the host as usual, they are small), ``fully_shard`` splits them, each rank
-    allocates its own shard and ``torch.distributed.checkpoint`` reads that shard's rows from the
-    Hugging Face safetensors files (``HuggingFaceStorageReader``). No rank ever holds the full
+    allocates its own shard and reads that shard's rows from the Hugging Face safetensors files
+    (only those bytes, with plain reads). No rank ever holds the full
     model. Tied embeddings are one parameter, loaded once. With ``lora`` the adapters are added
     before sharding (only they train) and initialised as in one process
     (``unlearn.models.init_lora_weights``).
     """
-    import torch.distributed.checkpoint as dcp
     from accelerate import init_empty_weights
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -99,11 +98,13 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
     # the files' names for the base weights (a LoRA model's differ); the adapters are not in them
     stored = {base_name(name): value for name, value in state.items()
               if name not in tied and "lora_" not in name}
-    missing = sorted(set(stored) - _stored_names(Path(path)))
+    entries = _stored_entries(Path(path))
+    missing = sorted(set(stored) - set(entries))
     if missing:
         raise ModelLoadError(f"could not load the shards of {spec!r} from {path}: its safetensors "
                              f"files lack {len(missing)} parameter(s): {', '.join(missing[:5])}")
-    dcp.load(stored, storage_reader=dcp.HuggingFaceStorageReader(path))
+    for name, value in stored.items():
+        _read_own_rows(value, entries[name])
     set_model_state_dict(model, state, options=_partial())
     if lora is not None:
         init_lora_weights(model, lora.init_seed)
@@ -126,9 +127,15 @@ def _local_folder(path: str) -> str:
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
-def _stored_names(folder: Path) -> set[str]:
-    """The tensor names in a Hugging Face folder's safetensors files (headers only)."""
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                      "F16": torch.float16, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+
+
+def _stored_entries(folder: Path) -> dict[str, tuple[Path, int, str, list[int]]]:
+    """Each tensor of a folder's safetensors files: (file, byte offset, dtype, shape), from the
+    files' headers (8-byte length, then JSON) only."""
+    import json
+    import struct
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -136,11 +143,46 @@ def _stored_names(folder: Path) -> set[str]:
 
         raise ModelLoadError(f"{folder} has no safetensors files: sharded loading reads only those "
                              "(a hub id must be downloaded first, a .bin checkpoint converted)")
-    names: set[str] = set()
+    entries = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            names.update(handle.keys())
-    return names
+        with open(file, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                entries[name] = (file, 8 + size + info["data_offsets"][0], info["dtype"], info["shape"])
+    return entries
+
+
+@torch.no_grad()
+def _read_own_rows(value: torch.Tensor, entry: tuple[Path, int, str, list[int]]) -> None:
+    """Read into ``value`` (a DTensor shard, or a whole tensor) its rows of the stored tensor, with
+    plain reads of those bytes only: neither the whole tensor nor a memory map of the file ever
+    sits in this process (DCP's HuggingFaceStorageReader peaked at ~2.6x the shard)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    file, start, dtype, stored_shape = entry
+    if isinstance(value, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(value.shape, value.device_mesh,
+                                                              value.placements)
+        local = value.to_local()
+    else:
+        shape, offset, local = tuple(value.shape), (0,) * value.ndim, value
+    if list(value.shape) != list(stored_shape) or any(offset[1:]):
+        from unlearn.models import ModelLoadError
+
+        raise ModelLoadError(f"{file.name}: a tensor of shape {stored_shape}, the model wants "
+                             f"{list(value.shape)} split on its first dimension only")
+    if 0 in shape:
+        return  # a rank past the end of a short tensor holds no rows
+    kind = _SAFETENSORS_DTYPES[dtype]
+    row_bytes = kind.itemsize * (int(torch.tensor(stored_shape[1:]).prod()) if len(stored_shape) > 1 else 1)
+    buffer = bytearray(row_bytes * (shape[0] if shape else 1))
+    with open(file, "rb") as handle:
+        handle.seek(start + (offset[0] if shape else 0) * row_bytes)
+        handle.readinto(buffer)
+    local.copy_(torch.frombuffer(buffer, dtype=kind).view(shape))
 
 
 def _tied_names(model: nn.Module) -> set[str]:
