@@ -8,6 +8,7 @@ its gradients are reduce-scattered at the end of backward like the rest.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
     (``unlearn.models.init_lora_weights``).
     """
     from accelerate import init_empty_weights
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from unlearn.models import (
@@ -103,9 +104,8 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
     if missing:
         raise ModelLoadError(f"could not load the shards of {spec!r} from {path}: its safetensors "
                              f"files lack {len(missing)} parameter(s): {', '.join(missing[:5])}")
-    for name, value in stored.items():
+    for name, value in stored.items():  # each value's local tensor is the parameter's own shard
         _read_own_rows(value, entries[name])
-    set_model_state_dict(model, state, options=_partial())
     if lora is not None:
         init_lora_weights(model, lora.init_seed)
     return model
@@ -177,7 +177,7 @@ def _read_own_rows(value: torch.Tensor, entry: tuple[Path, int, str, list[int]])
     if 0 in shape:
         return  # a rank past the end of a short tensor holds no rows
     kind = _SAFETENSORS_DTYPES[dtype]
-    row_bytes = kind.itemsize * (int(torch.tensor(stored_shape[1:]).prod()) if len(stored_shape) > 1 else 1)
+    row_bytes = kind.itemsize * math.prod(stored_shape[1:])
     buffer = bytearray(row_bytes * (shape[0] if shape else 1))
     with open(file, "rb") as handle:
         handle.seek(start + (offset[0] if shape else 0) * row_bytes)
@@ -194,12 +194,6 @@ def _tied_names(model: nn.Module) -> set[str]:
             tied.add(name)
         seen.setdefault(id(param), name)
     return tied
-
-
-def _partial():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(strict=False)
 
 
 def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
@@ -258,7 +252,7 @@ def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
     if rank != 0:
         return None
     if files > 1:
-        total = sum(v.numel() * v.element_size() for v in state.values())
+        total = sum(state[state_of[n]].numel() * state[state_of[n]].element_size() for n in plan)
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     source = _local_folder(resolve_model_path(spec))

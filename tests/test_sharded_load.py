@@ -126,6 +126,7 @@ def test_the_export_writes_a_sharded_folder_that_from_pretrained_reads_back(odd_
         with safe_open(str(out / file), framework="pt") as handle:
             sizes = [handle.get_tensor(k).numel() * 4 for k in handle.keys()]
         assert sum(sizes) <= 100_000 or len(sizes) == 1, file
+    assert index["metadata"]["total_size"] == _stored_bytes(out)
     assert "lm_head.weight" not in index["weight_map"]  # tied: stored once
     original, exported = load_model(str(odd_model)), load_model(str(out))
     assert exported.lm_head.weight is exported.model.embed_tokens.weight
@@ -134,7 +135,19 @@ def test_the_export_writes_a_sharded_folder_that_from_pretrained_reads_back(odd_
     assert load_tokenizer(str(out))(TEXTS)["input_ids"] == load_tokenizer(str(odd_model))(TEXTS)["input_ids"]
 
 
+def _stored_bytes(folder):
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            total += sum(handle.get_tensor(k).nbytes for k in handle.keys())
+    return total
+
+
 def test_lora_on_two_ranks_gives_the_single_process_model_and_exports_it_merged(odd_model, tmp_path):
+    import json
+
     lora = LoraSettings(r=4, alpha=8, init_seed=3)
     out = tmp_path / "merged"
     ranks = _load_on_two_ranks(odd_model, tmp_path, export=str(out), lora=lora)
@@ -151,6 +164,8 @@ def test_lora_on_two_ranks_gives_the_single_process_model_and_exports_it_merged(
         assert record["trainable"] and all("lora_" in name for name in record["trainable"])
         assert torch.allclose(record["logits"], expected, atol=1e-5, rtol=0)  # same A init, same B
         assert torch.allclose(record["base_logits"], base, atol=1e-5, rtol=0)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == _stored_bytes(out)  # the merged weights, no adapters
     merged, exported = single.merge_and_unload().state_dict(), load_model(str(out)).state_dict()
     assert set(exported) == set(merged)
     for name, value in merged.items():
