@@ -372,8 +372,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         groups = grouped(pairs_for(epoch), t.grad_accum)
         for group in itertools.islice(groups, step - epoch * steps_per_epoch, None):
             # At fixed steps: a run resumed from a checkpoint measures the same weights again.
-            if stopper is not None and stopper.due(step, steps_per_epoch) is not None:
-                stop = stopper.should_stop_before(model, step, steps_per_epoch)
+            done = stopper.due(step, steps_per_epoch) if stopper is not None else None
+            if done is not None:
+                stop = stopper.should_stop(model, done)
                 logger.log(step, {"stop_auc": stopper.history[-1][1]}, force=True)  # step: steps done
                 if stop:
                     stopped_at = stopper.stopped_at

@@ -400,7 +400,7 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
                           chunk_size=t.loss_chunk_size, backward_per_term=t.backward_per_term)
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
-    stopped_at, step = None, 0
+    stopped_at = None
     for epoch in range(t.epochs):
         forget = make_batches(forget_features, t.batch_size, pad, shuffle=True, seed=t.seed + epoch,
                               bucket=t.bucket_by_length)
@@ -409,11 +409,11 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
                               bucket=t.bucket_by_length) if objective.wants_retain() else None
         pairs = list(pair_batches(forget, retain))
         for start in range(0, len(pairs), t.grad_accum):
-            if stopper is not None and stopper.should_stop_before(model, step, steps_per_epoch):
+            if stopper is not None and stopper.should_stop_before(model, unlearner.global_step,
+                                                                  steps_per_epoch):
                 stopped_at = stopper.stopped_at
                 break
             metrics = unlearner.step(pairs[start:start + t.grad_accum])
-            step += 1
             metrics["epoch"] = float(epoch)
             history.append(metrics)
             if on_step is not None:
