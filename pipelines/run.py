@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -104,7 +105,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 # Settings that change how a run executes, not what it computes: a re-run may differ in them and
 # still continue the same run.
-EXECUTION_ONLY = ("ray.verbose", "ray.max_failures", "ray.fail_at_step")
+EXECUTION_ONLY = ("ray.verbose", "ray.max_failures", "ray.wait_for_workers_s", "ray.fail_at_step",
+                  "ray.fault")
 IDENTITY_LABELS = {"unlearn.config_hash": "config (hash)", "unlearn.model": "model",
                    "unlearn.output_dir": "output folder", "unlearn.storage": "checkpoint storage"}
 
@@ -243,6 +245,24 @@ class TrainingProgress:
             bar.close()
 
 
+#: Ray Train gives a worker group this long to start, then retries (a controller failure).
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def start_retries(wait_s: float | None) -> int:
+    """``FailureConfig.controller_failure_limit`` that bounds the wait for workers to ``wait_s``.
+
+    When a worker group cannot be placed (a node lost and not yet replaced), Ray Train times the
+    start out after ``$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) and tries again, forever
+    by default. The limit counts every such retry of the run, so ``wait_s`` bounds the total
+    (in whole timeouts, at least one attempt).
+    """
+    if wait_s is None:
+        return -1
+    timeout = float(os.environ.get(START_TIMEOUT_VAR, 60))
+    return max(0, math.ceil(wait_s / timeout) - 1)
+
+
 def latest_checkpoint(storage: str, name: str):
     """The newest checkpoint Ray Train wrote under ``storage/name`` (local storage), or None."""
     from ray.train import Checkpoint
@@ -292,6 +312,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     import mlflow
     from mlflow import MlflowClient
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ControllerError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.data import tokenized_dataset
@@ -384,7 +405,9 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
             num_workers=r.num_workers, use_gpu=r.use_gpu,
             resources_per_worker={"CPU": r.cpus_per_worker, **r.resources_per_worker}),
         run_config=RunConfig(name=ray_name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             failure_config=FailureConfig(
+                                 max_failures=r.max_failures,
+                                 controller_failure_limit=start_retries(r.wait_for_workers_s)),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
                              callbacks=callbacks, worker_runtime_env=runtime_env()),
         datasets=datasets,
@@ -396,7 +419,16 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
           + (f"; resuming from {resume_from.path}" if resume_from else ""), flush=True)
     with TrainingProgress(client, run_id, desc=f"unlearn ({objective.name}, {r.num_workers} workers)",
                           eps_warning=objective.uses_dual):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ControllerError as exc:
+            if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+                raise
+            raise PipelineError(
+                f"Ray Train could not (re)start {r.num_workers} worker(s) within ray.wait_for_workers_s="
+                f"{r.wait_for_workers_s:g} s: the cluster lacks the capacity (a lost node not replaced?). "
+                f"The checkpoints stay in {storage}/{ray_name}; once the capacity is back, the same command "
+                f"resumes MLflow run {run_id} from the latest.") from None
     if result.checkpoint is None:
         raise RuntimeError("training ended without an exported model")
     model_dir = out / "unlearned"

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -437,7 +438,9 @@ def _reportable(metrics: dict) -> dict:
 
 
 def _maybe_inject_fault(cfg, step: int, rank: int, world: int, loop_config: dict) -> None:
-    """Kill one worker once (the marker file survives the restart) when ``ray.fail_at_step`` says."""
+    """Once (the marker file survives the restart), after ``ray.fail_at_step``, the last rank exits
+    (``ray.fault=exit``) or waits (``hold``: the other ranks wait in the next collective) until
+    its node or the worker group is taken down; a hold nobody ends fails after 10 minutes."""
     if cfg.ray.fail_at_step is None or step != cfg.ray.fail_at_step or rank != world - 1:
         return
     marker = Path(loop_config["storage_path"]) / f"{loop_config['ray_name']}.fault_injected"
@@ -445,5 +448,9 @@ def _maybe_inject_fault(cfg, step: int, rank: int, world: int, loop_config: dict
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(step))
-    log.warning("fault injection: rank %d exits after step %d", rank, step)
+    if cfg.ray.fault == "hold":
+        log.warning("fault injection: rank %d waits after step %d to be taken down", rank, step)
+        time.sleep(600)
+    else:
+        log.warning("fault injection: rank %d exits after step %d", rank, step)
     os._exit(1)

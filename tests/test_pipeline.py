@@ -6,7 +6,9 @@ the step losses therefore differ by the token-count imbalance between ranks, a f
 most on these batches (measured: see the printed table with -s).
 """
 
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,16 @@ def make_cfg(finetuned, tmp_path_factory):
 def _history(summary, key):
     client = MlflowClient(summary["mlflow_tracking_uri"])
     return sorted((m.step, m.value) for m in client.get_metric_history(summary["mlflow_run_id"], key))
+
+
+def _assert_ends_like(summary, clean):
+    """An interrupted and resumed run against the uninterrupted one: every step logged exactly once
+    (nothing duplicated by the replay, nothing lost), the same final metrics."""
+    for key in ("loss", "forget_loss", "retain_loss", "lam"):
+        resumed, reference = _history(summary, key), _history(clean, key)
+        assert [s for s, _ in resumed] == [s for s, _ in reference] == list(range(1, len(reference) + 1))
+        assert resumed[-1][1] == pytest.approx(reference[-1][1], rel=RESUME_TOLERANCE), key
+    assert summary["after"]["forget_prob"] == pytest.approx(clean["after"]["forget_prob"], rel=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +104,7 @@ def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(make_cfg, unin
     summary = run_pipeline(cfg, report["target"], reference=report["retain"])
     marker = list((Path(cfg.output_dir) / "ray").glob("*.fault_injected"))
     assert marker, "the fault was not injected"
-    for key in ("loss", "forget_loss", "retain_loss", "lam"):
-        faulty, reference = _history(summary, key), _history(clean, key)
-        # every step logged exactly once: nothing duplicated by the replay, nothing lost
-        assert [s for s, _ in faulty] == [s for s, _ in reference] == list(range(1, len(reference) + 1))
-        assert faulty[-1][1] == pytest.approx(reference[-1][1], rel=RESUME_TOLERANCE), key
-    assert summary["after"]["forget_prob"] == pytest.approx(clean["after"]["forget_prob"], rel=1e-3)
+    _assert_ends_like(summary, clean)
 
 
 @pytest.mark.slow
@@ -158,3 +165,108 @@ def test_lora_on_two_fsdp2_workers_matches_one_process_and_exports_a_merged_mode
     assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=0.02)
     folder = Path(summary["model_dir"])
     assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+
+
+
+
+@contextlib.contextmanager
+def _two_node_cluster():
+    """A simulated cluster of two nodes, one Train worker each (a ``train_slot`` resource), one
+    storage folder; yields it and its second node. Ray adds nodes from the main thread only, so
+    the tests run the pipeline as the user does, ``unlearn run`` in its own process."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the earlier tests' single-node Ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"train_slot": 1}})
+    try:
+        second = cluster.add_node(num_cpus=2, resources={"train_slot": 1})
+        cluster.wait_for_nodes()
+        yield cluster, second
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _start_cli_run(cfg, report, cluster, log, **env):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = log.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "unlearn.cli", "run", str(config),
+                                 "--model", report["target"], "--reference", report["retain"]],
+                                env={**os.environ, "RAY_ADDRESS": cluster.address, **env},
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def _remove_at_the_held_step(cfg, run, cluster, node, log):
+    """Wait for the last rank to hold after ``ray.fail_at_step``, then take ``node`` down."""
+    import ray
+
+    deadline = time.monotonic() + 300
+    while not list((Path(cfg.output_dir) / "ray").glob("*.fault_injected")):
+        assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    cluster.remove_node(node)
+    ray.init(address=cluster.address)
+    assert ray.cluster_resources().get("train_slot") == 1  # the run cannot go on like this
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_run_is_replaced_and_the_run_ends_like_an_uninterrupted_one(make_cfg, uninterrupted,
+                                                                                   tmp_path):
+    """After step 3 the last rank waits, the second node is removed, and a node comes back a few
+    seconds later: the run needs both slots, so it can only end by resuming on the new node from
+    the step-2 checkpoint."""
+    make, report = make_cfg
+    _, clean = uninterrupted
+    cfg = make("node-lost", "ray.fail_at_step=3", "ray.fault=hold",
+               "ray.resources_per_worker={train_slot: 1}")
+    log = tmp_path / "run.log"
+    with _two_node_cluster() as (cluster, second):
+        run = _start_cli_run(cfg, report, cluster, log)
+        try:
+            _remove_at_the_held_step(cfg, run, cluster, second, log)
+            time.sleep(3)
+            cluster.add_node(num_cpus=2, resources={"train_slot": 1})
+            assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
+        finally:
+            run.kill()
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    _assert_ends_like(summary, clean)
+
+
+@pytest.mark.slow
+def test_a_node_that_never_comes_back_fails_the_run_after_the_wait_with_a_clear_message(make_cfg, tmp_path):
+    make, report = make_cfg
+    cfg = make("node-gone", "ray.fail_at_step=3", "ray.fault=hold", "ray.wait_for_workers_s=10",
+               "ray.resources_per_worker={train_slot: 1}", "train.epochs=1", "stop.enabled=false")
+    log = tmp_path / "run.log"
+    with _two_node_cluster() as (cluster, second):
+        run = _start_cli_run(cfg, report, cluster, log, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
+        try:
+            _remove_at_the_held_step(cfg, run, cluster, second, log)
+            lost = time.monotonic()
+            assert run.wait(timeout=300) != 0
+            waited = time.monotonic() - lost
+        finally:
+            run.kill()
+    output = log.read_text()
+    assert "could not (re)start 2 worker(s) within ray.wait_for_workers_s=10 s" in output, output[-3000:]
+    assert "Traceback" not in output and "the same command resumes MLflow run" in output
+    assert 10 <= waited < 60
+    assert list((Path(cfg.output_dir) / "ray").glob("*/checkpoint_*"))  # kept for the re-run
+
+
+@pytest.mark.parametrize(("wait", "timeout", "limit"), [(None, "60", -1), (0, "60", 0), (60, "60", 0),
+                                                        (61, "60", 1), (1800, "60", 29), (10, "5", 1)])
+def test_the_wait_for_workers_becomes_rays_limit_on_start_retries(monkeypatch, wait, timeout, limit):
+    from pipelines.run import start_retries
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", timeout)
+    assert start_retries(wait) == limit

@@ -187,11 +187,17 @@ class RayConfig(_Strict):
     storage_path: str | None = Field(None, description="checkpoints (shared storage or s3://...); "
                                      "default: output_dir/ray")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    wait_for_workers_s: float | None = Field(1800, ge=0, description="how long a (re)starting worker "
+                                             "group may wait for the cluster's capacity, e.g. a lost "
+                                             "node's replacement, before the run fails; null: forever")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = each epoch")
     keep_checkpoints: int = Field(2, ge=1)
     verbose: bool = Field(False, description="forward every worker's output to the driver")
-    fail_at_step: int | None = Field(None, ge=1, description="fault injection (tests): kill rank 1 "
-                                     "once, after this step")
+    fail_at_step: int | None = Field(None, ge=1, description="fault injection (tests): once, after "
+                                     "this step, the last rank fails as ray.fault says")
+    fault: Literal["exit", "hold"] = Field("exit", description="fault injection (tests): 'exit' kills "
+                                           "the last rank's process; 'hold' has it write the marker "
+                                           "file and wait there, for a test to take a node down")
 
 
 class MlflowConfig(_Strict):
