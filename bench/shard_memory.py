@@ -10,8 +10,9 @@
   (``pipelines.fsdp.load_sharded``, what the Ray workers do now).
 
 Figures in MiB from Linux /proc (VmHWM, the peak resident set, reset after the imports):
-``load`` is the peak while loading, ``step`` the peak during one AdamW step on 8 x 128 tokens
-(forward, backward, optimizer states created), and ``floor`` the process before loading (Python,
+``load`` is the peak while loading, ``step`` the peak during one AdamW step on a global batch of
+8 x 128 tokens, each rank taking its 1/N of it (``--no-split``: all of it), forward, backward,
+optimizer states created; and ``floor`` the process before loading (Python,
 torch, transformers). Each configuration runs in fresh processes.
 """
 
@@ -30,6 +31,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+BATCH = 8  # sequences of 128 tokens in the measured step (one process); each rank takes 1/N
+
+
 def _status(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -41,16 +45,16 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _step(model, vocab: int) -> None:
+def _step(model, vocab: int, rows: int) -> None:
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (8, 128), generator=generator)
+    ids = torch.randint(0, vocab, (rows, 128), generator=generator)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
 
 
-def _measure(rank: int, mode: str, spec: str, world: int, port: int, out: str) -> None:
+def _measure(rank: int, mode: str, spec: str, world: int, port: int, out: str, rows: int) -> None:
     import torch.distributed as dist
     from transformers import AutoConfig
 
@@ -72,7 +76,7 @@ def _measure(rank: int, mode: str, spec: str, world: int, port: int, out: str) -
             shard_model(model)
     load = _status("VmHWM")
     _reset_peak()
-    _step(model, vocab)
+    _step(model, vocab, rows)
     step = _status("VmHWM")
     Path(f"{out}.{rank}").write_text(json.dumps({"floor": floor, "load": load, "step": step}))
     if dist.is_initialized():
@@ -85,9 +89,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(mode: str, spec: str, workers: int, out: str) -> list[dict]:
+def run(mode: str, spec: str, workers: int, out: str, split: bool) -> list[dict]:
     world = 1 if mode == "one process" else workers
-    mp.spawn(_measure, args=(mode, spec, world, _free_port(), out), nprocs=world)
+    rows = BATCH // world if split else BATCH
+    mp.spawn(_measure, args=(mode, spec, world, _free_port(), out, rows), nprocs=world)
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
 
 
@@ -96,14 +101,20 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-split", dest="split", action="store_false",
+                        help="every rank steps on the whole batch (default: its 1/N of it, as data "
+                             "parallel training does)")
     args = parser.parse_args(argv)
     from unlearn.models import resolve_model_path
 
     spec = resolve_model_path(args.model)  # converted once here, not by every rank at once
     out = f"/tmp/shard_memory_{os.getpid()}"
-    rows = {mode: run(mode, spec, args.workers, out) for mode in ("one process", "replicated", "sharded")}
+    rows = {mode: run(mode, spec, args.workers, out, args.split)
+            for mode in ("one process", "replicated", "sharded")}
     single = rows["one process"][0]
-    print(f"{args.model}, {args.workers} workers; MiB per process (worst worker); ratio = x one process")
+    per_rank = BATCH // args.workers if args.split else BATCH
+    print(f"{args.model}, {args.workers} workers, step on {BATCH} x 128 tokens in one process and "
+          f"{per_rank} x 128 per rank; MiB per process (worst worker); ratio = x one process")
     print(f"{'mode':<12} {'floor':>7} {'load peak':>10} {'ratio':>6} {'step peak':>10} {'ratio':>6}")
     for mode, ranks in rows.items():
         worst = {key: max(r[key] for r in ranks) for key in ("floor", "load", "step")}
