@@ -38,10 +38,20 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def model_form(cfg) -> str:
+    """What a registered folder holds: the full model's weights, or LoRA adapters merged into them."""
+    lora = cfg.model.lora
+    if lora is None:
+        return "full weights"
+    return (f"full weights, LoRA merged in (r={lora.r}, alpha={lora.alpha}, "
+            f"{'/'.join(lora.target_modules)})")
+
+
 def lineage(cfg, base_model: str, forget: tuple[int, str], run_id: str, **extra) -> dict:
     """What a registered version came from: the tags and the model card's first paragraph.
     ``forget``: the forget set's record count and fingerprint."""
-    return {"base_model": base_model, "method": cfg.method.name, "forget_split": cfg.data.forget_split,
+    return {"base_model": base_model, "model_form": model_form(cfg), "method": cfg.method.name,
+            "forget_split": cfg.data.forget_split,
             "data": str(cfg.data.source), "forget_records": forget[0], "forget_fingerprint": forget[1],
             "config_hash": config_hash(cfg.model_dump(mode="json")), "mlflow_run_id": run_id, **extra}
 
@@ -65,7 +75,8 @@ def model_card(name: str, lineage: dict, gate: GateResult, after: dict, before: 
     lines = [f"# {name}: unlearned model", "",
              f"Base model `{lineage['base_model']}`, method `{lineage['method']}`, forget split "
              f"`{lineage['forget_split']}` of `{lineage['data']}` ({lineage['forget_records']} records, "
-             f"SHA-256 `{lineage['forget_fingerprint']}`).", "",
+             f"SHA-256 `{lineage['forget_fingerprint']}`). Weights: "
+             f"{lineage.get('model_form', 'full weights')}.", "",
              "## What was forgotten", "",
              f"The records of `{lineage['forget_split']}`: the model was trained to no longer reproduce "
              "them, under a constraint that its loss on the retain set stay bounded."]

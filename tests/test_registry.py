@@ -96,9 +96,23 @@ def registry(tmp_path, monkeypatch):
 
 
 def fake_lineage(run_id: str) -> dict:
-    return {"base_model": "tiny", "method": "pdu", "forget_split": "forget10", "data": "synthetic",
+    return {"base_model": "tiny", "model_form": "full weights, LoRA merged in (r=4, alpha=8, q_proj)",
+            "method": "pdu", "forget_split": "forget10", "data": "synthetic",
             "forget_records": 16, "forget_fingerprint": "ab" * 32, "config_hash": "123",
             "mlflow_run_id": run_id}
+
+
+def test_the_lineage_says_whether_the_weights_are_the_full_models_or_have_lora_merged_in():
+    from pipelines.registry import lineage
+    from unlearn.config import build_config
+
+    full = lineage(build_config({}, []), "tiny", (16, "ab"), "run")
+    lora = build_config({}, ["model.lora.r=4", "model.lora.alpha=8",
+                             "model.lora.target_modules=[q_proj, v_proj]"])
+    merged = lineage(lora, "tiny", (16, "ab"), "run")
+    assert full["model_form"] == "full weights"
+    assert merged["model_form"] == "full weights, LoRA merged in (r=4, alpha=8, q_proj/v_proj)"
+    assert full["config_hash"] != merged["config_hash"]
 
 
 def evaluation(after: dict) -> dict:
@@ -122,6 +136,9 @@ def test_passing_model_is_registered_as_challenger_with_lineage(registry):
     assert {"gate.json", "model_card.md"} <= artifacts
     card = (client.download_artifacts(run_id, "model_card.md"))
     assert "What was forgotten" in open(card).read()
+    # which weights the version holds: a tag and the card's first paragraph
+    assert version.tags["model_form"] == "full weights, LoRA merged in (r=4, alpha=8, q_proj)"
+    assert "Weights: full weights, LoRA merged in (r=4, alpha=8, q_proj)." in open(card).read()
 
 
 def test_failing_model_is_not_registered(registry):
