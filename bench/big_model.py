@@ -110,6 +110,7 @@ def _train(rank: int, world: int, folder: str, port: int, limit: int, steps: int
         export_sharded(model, load_tokenizer("tiny"), folder, Path(out + ".export"), max_shard_bytes=1 << 30)
         record["export_s"] = time.perf_counter() - began
         record["export_peak_mib"] = _status("VmHWM")
+        dist.barrier()  # a peer torn down mid-traffic can abort gloo
         dist.destroy_process_group()
     if group is not None:
         record["cgroup_peak_mib"] = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20

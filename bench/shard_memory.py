@@ -80,6 +80,7 @@ def _measure(rank: int, mode: str, spec: str, world: int, port: int, out: str, r
     step = _status("VmHWM")
     Path(f"{out}.{rank}").write_text(json.dumps({"floor": floor, "load": load, "step": step}))
     if dist.is_initialized():
+        dist.barrier()  # a peer torn down mid-traffic can abort gloo
         dist.destroy_process_group()
 
 
