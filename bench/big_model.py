@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,18 +29,12 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shard_memory import free_port, status_mib  # noqa: E402 - bench/ is the script's own folder
 
 CGROUPS = Path("/sys/fs/cgroup/memory")
 SHAPE = {"hidden_size": 1280, "intermediate_size": 3584, "num_hidden_layers": 24, "num_attention_heads": 20,
          "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 512,
          "tie_word_embeddings": False}
-
-
-def _status(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def _limit_memory(name: str, limit_bytes: int) -> Path | None:
@@ -88,7 +81,7 @@ def _train(rank: int, world: int, folder: str, port: int, limit: int, steps: int
     else:
         model = load_model(folder)
     record["load_s"] = time.perf_counter() - start
-    record["load_peak_mib"] = _status("VmHWM")
+    record["load_peak_mib"] = status_mib("VmHWM")
     print(f"rank {rank}: loaded in {record['load_s']:.1f} s, peak {record['load_peak_mib']:.0f} MiB",
           flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -101,26 +94,20 @@ def _train(rank: int, world: int, folder: str, port: int, limit: int, steps: int
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - began)
-        print(f"rank {rank}: step {len(times)} in {times[-1]:.1f} s, peak {_status('VmHWM'):.0f} MiB",
+        print(f"rank {rank}: step {len(times)} in {times[-1]:.1f} s, peak {status_mib('VmHWM'):.0f} MiB",
               flush=True)
     record["step_s"] = times
-    record["step_peak_mib"] = _status("VmHWM")
+    record["step_peak_mib"] = status_mib("VmHWM")
     if world > 1:
         began = time.perf_counter()
         export_sharded(model, load_tokenizer("tiny"), folder, Path(out + ".export"), max_shard_bytes=1 << 30)
         record["export_s"] = time.perf_counter() - began
-        record["export_peak_mib"] = _status("VmHWM")
+        record["export_peak_mib"] = status_mib("VmHWM")
         dist.barrier()  # a peer torn down mid-traffic can abort gloo
         dist.destroy_process_group()
     if group is not None:
         record["cgroup_peak_mib"] = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
     Path(f"{out}.{rank}").write_text(json.dumps(record))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"model: {params / 1e6:.0f}M parameters; fp32 weights + gradients + AdamW states "
               f"{need:.1f} GiB; limit {args.limit_gib:g} GiB per worker")
         out = str(Path(tmp) / "result")
-        mp.spawn(_train, args=(2, str(folder), _free_port(), limit, args.steps, out), nprocs=2)
+        mp.spawn(_train, args=(2, str(folder), free_port(), limit, args.steps, out), nprocs=2)
         for rank in range(2):
             r = json.loads(Path(f"{out}.{rank}").read_text())
             print(f"rank {rank}: load {r['load_s']:.1f} s, peak {r['load_peak_mib']:.0f} MiB; steps "

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BATCH = 8  # sequences of 128 tokens in the measured step (one process); each rank takes 1/N
 
 
-def _status(field: str) -> float:
+def status_mib(field: str) -> float:
+    """A memory field of this process's /proc status (VmRSS, VmHWM...), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -67,24 +68,24 @@ def _measure(rank: int, mode: str, spec: str, world: int, port: int, out: str, r
         dist.init_process_group("gloo", rank=rank, world_size=world)
     vocab = AutoConfig.from_pretrained(resolve_model_path(spec)).vocab_size
     _reset_peak()
-    floor = _status("VmRSS")
+    floor = status_mib("VmRSS")
     if mode == "sharded":
         model = load_sharded(spec)
     else:
         model = load_model(spec)
         if mode == "replicated":
             shard_model(model)
-    load = _status("VmHWM")
+    load = status_mib("VmHWM")
     _reset_peak()
     _step(model, vocab, rows)
-    step = _status("VmHWM")
+    step = status_mib("VmHWM")
     Path(f"{out}.{rank}").write_text(json.dumps({"floor": floor, "load": load, "step": step}))
     if dist.is_initialized():
         dist.barrier()  # a peer torn down mid-traffic can abort gloo
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -93,7 +94,7 @@ def _free_port() -> int:
 def run(mode: str, spec: str, workers: int, out: str, split: bool) -> list[dict]:
     world = 1 if mode == "one process" else workers
     rows = BATCH // world if split else BATCH
-    mp.spawn(_measure, args=(mode, spec, world, _free_port(), out, rows), nprocs=world)
+    mp.spawn(_measure, args=(mode, spec, world, free_port(), out, rows), nprocs=world)
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
 
 

@@ -252,7 +252,7 @@ def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
     if rank != 0:
         return None
     if files > 1:
-        total = sum(state[state_of[n]].numel() * state[state_of[n]].element_size() for n in plan)
+        total = sum(state[key].numel() * state[key].element_size() for key in state_of.values())
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     source = _local_folder(resolve_model_path(spec))

@@ -311,8 +311,8 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     """
     import mlflow
     from mlflow import MlflowClient
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train import ControllerError
+    from ray.train import (CheckpointConfig, ControllerError, DataConfig, FailureConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.data import tokenized_dataset

@@ -169,6 +169,9 @@ def test_lora_on_two_fsdp2_workers_matches_one_process_and_exports_a_merged_mode
 
 
 
+NODE = {"num_cpus": 2, "resources": {"train_slot": 1}}  # a simulated node: room for one Train worker
+
+
 @contextlib.contextmanager
 def _two_node_cluster():
     """A simulated cluster of two nodes, one Train worker each (a ``train_slot`` resource), one
@@ -178,9 +181,9 @@ def _two_node_cluster():
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the earlier tests' single-node Ray
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"train_slot": 1}})
+    cluster = Cluster(initialize_head=True, head_node_args=NODE)
     try:
-        second = cluster.add_node(num_cpus=2, resources={"train_slot": 1})
+        second = cluster.add_node(**NODE)
         cluster.wait_for_nodes()
         yield cluster, second
     finally:
@@ -233,7 +236,7 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_ends_like_an_uninterrupted_
         try:
             _remove_at_the_held_step(cfg, run, cluster, second, log)
             time.sleep(3)
-            cluster.add_node(num_cpus=2, resources={"train_slot": 1})
+            cluster.add_node(**NODE)
             assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
         finally:
             run.kill()
