@@ -16,7 +16,9 @@ take bounded samples.
 Checkpoints (``torch.distributed.checkpoint``: sharded model and optimizer, plus the dual and
 EGUP state, the scheduler, the step and every rank's RNG) are reported to Ray Train; a restarted
 worker group (``FailureConfig``) or a re-run with the same run name resumes from the latest. The
-last report carries the exported Hugging Face folder (gathered full state dict, rank 0).
+last report carries the exported Hugging Face folder (``pipelines.fsdp.export_sharded``: written
+tensor by tensor from rank 0, never the full model at once). Tune's per-epoch evaluation scores
+the sharded model in place. No worker holds the full model at any point.
 """
 
 from __future__ import annotations
@@ -136,29 +138,6 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
     return torch.load(folder / TRAIN_STATE.format(rank=rank), weights_only=False)
 
 
-def gather_full_model(model, spec: str):
-    """The full model, gathered from the shards (collective): a HF model on rank 0, None elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from unlearn.models import resolve_model_path
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dist = _dist()
-    if dist is not None and dist.get_rank() != 0:
-        return None
-    config = AutoConfig.from_pretrained(resolve_model_path(spec))
-    with torch.random.fork_rng(devices=[]):  # the fresh model's random init must not move training's RNG
-        fresh = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
-    missing, unexpected = fresh.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RuntimeError(f"gathering the model: missing {missing}, unexpected {unexpected} parameters")
-    if config.tie_word_embeddings:
-        fresh.tie_weights()
-    return fresh
-
-
 def export_full_model(model, tokenizer, spec: str, out_dir: Path) -> Path | None:
     """Write the model as a ``from_pretrained`` folder (collective; ``pipelines.fsdp.export_sharded``:
     no rank gathers the full model); the folder on rank 0, None elsewhere."""
@@ -167,25 +146,21 @@ def export_full_model(model, tokenizer, spec: str, out_dir: Path) -> Path | None
     return export_sharded(model, tokenizer, spec, out_dir)
 
 
-def evaluate_epoch(model, tokenizer, spec: str, epoch_eval: dict, device: torch.device) -> float:
-    """One metric of the current model (collective): rank 0 evaluates the gathered model with the
-    run's evaluation settings and reference; every rank returns its value (NaN if unavailable)."""
-    from unlearn.eval import EvalSettings, LocalScorer, evaluate
+def evaluate_epoch(model, tokenizer, epoch_eval: dict) -> float:
+    """One metric of the current model (collective): every rank scores its share of the run's
+    evaluation with its own shard of the weights (``unlearn.eval.scoring.ShardedScorer``), and
+    every rank returns the value (NaN if unavailable)."""
+    from unlearn.eval import EvalSettings, evaluate
+    from unlearn.eval.scoring import ShardedScorer
 
-    full = gather_full_model(model, spec)
-    value = [float("nan")]
-    if full is not None:
-        settings = EvalSettings(**epoch_eval["settings"])
-        scorer = LocalScorer(full.to(device), tokenizer, batch_size=settings.batch_size,
-                             max_length=settings.max_length, progress=False)
-        result = evaluate(scorer, tokenizer, settings, reference=epoch_eval["reference"])
-        found = result["aggregates"].get(epoch_eval["metric"])
-        value = [float("nan") if found is None else float(found)]
-        del scorer, full
     dist = _dist()
-    if dist is not None:
-        dist.broadcast_object_list(value, src=0)
-    return value[0]
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+    settings = EvalSettings(**epoch_eval["settings"])
+    scorer = ShardedScorer(model, tokenizer, rank=rank, world=world, gather=all_gather_list,
+                           batch_size=settings.batch_size, max_length=settings.max_length)
+    result = evaluate(scorer, tokenizer, settings, reference=epoch_eval["reference"])
+    found = result["aggregates"].get(epoch_eval["metric"])
+    return float("nan") if found is None else float(found)
 
 
 # --------------------------------------------------------------------------- MLflow from rank 0
@@ -408,7 +383,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if epoch_eval is not None and epoch + 1 < t.epochs:
             # For Tune's early stopping (forwarded to the trial by TuneReportCallback). The last
             # epoch's value comes from the trial's full evaluation of the exported model.
-            value = evaluate_epoch(model, tokenizer, spec, epoch_eval, device)
+            value = evaluate_epoch(model, tokenizer, epoch_eval)
             logger.log(step, {f"epoch.{epoch_eval['metric']}": value}, force=True)
             ray.train.report({epoch_eval["metric"]: value, "epochs_done": float(epoch + 1),
                               "step": float(step), "child_run_id": loop_config.get("run_id")},

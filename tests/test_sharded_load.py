@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from unlearn.eval.scoring import Generation, Likelihood, LocalScorer
 from unlearn.models import AdaptersOff, LoraSettings, build_tiny_model, load_model, load_tokenizer
 
 TEXTS = ["Where was Velora Strand born?", "Kestrel Bay"]
@@ -30,7 +31,7 @@ def _train_adapters(model) -> None:
 
 
 def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: bool,
-            export: str | None, lora: LoraSettings | None) -> None:
+            export: str | None, lora: LoraSettings | None, requests: list | None) -> None:
     from torch.distributed.tensor import DTensor
 
     from pipelines.fsdp import base_name, load_sharded
@@ -58,6 +59,16 @@ def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: boo
             record["logits"] = model(**batch).logits
             if lora is not None:
                 record["base_logits"] = AdaptersOff(model)(**batch).logits
+        if requests is not None:
+            from pipelines.train import all_gather_list
+            from unlearn.eval.scoring import ShardedScorer
+
+            model.train()
+            model.reshard()  # as after a training step's backward: the root's weights sharded too
+            scorer = ShardedScorer(model, load_tokenizer(folder), rank=rank, world=world,
+                                   gather=all_gather_list, batch_size=2)
+            record["answers"] = scorer.run(requests)
+            record["training_after"] = model.training
         if export is not None:
             from pipelines.fsdp import export_sharded
 
@@ -71,9 +82,9 @@ def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: boo
         dist.destroy_process_group()
 
 
-def _load_on_two_ranks(folder, tmp_path, frozen=False, export=None, lora=None) -> list[dict]:
+def _load_on_two_ranks(folder, tmp_path, frozen=False, export=None, lora=None, requests=None) -> list[dict]:
     out = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(2, str(folder), _free_port(), out, frozen, export, lora), nprocs=2)
+    mp.spawn(_worker, args=(2, str(folder), _free_port(), out, frozen, export, lora, requests), nprocs=2)
     return [torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1)]
 
 
@@ -173,6 +184,39 @@ def test_lora_on_two_ranks_gives_the_single_process_model_and_exports_it_merged(
     assert set(exported) == set(merged)
     for name, value in merged.items():
         assert torch.allclose(exported[name], value, atol=1e-6), name
+
+
+SCORED = [
+    Likelihood("Kestrel Bay", prompt="Where was Velora Strand born?"),
+    Likelihood("Velora Strand was born in Kestrel Bay, a town by the sea.", prompt=None, chat=False),
+    Likelihood("a writer", prompt="Who is Velora Strand?"),
+    Generation("Where was Velora Strand born?", max_new_tokens=12),
+    Likelihood("Bay", prompt="Kestrel", chat=False),
+    Generation("Who is Velora Strand?", max_new_tokens=12),
+    Likelihood("In the spring of a year long past.", prompt="When was she born?"),
+    Generation("Velora", chat=False, max_new_tokens=5),
+]
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, init_seed=3)], ids=["full", "lora"])
+def test_the_sharded_scorer_gives_every_rank_the_single_process_answers(odd_model, tmp_path, lora):
+    """5 likelihoods (3 batches of 2: one rank runs a repeated batch) and generations of two lengths,
+    on 2 ranks each holding half the weights, against one process holding the whole model."""
+    ranks = _load_on_two_ranks(odd_model, tmp_path, lora=lora, requests=SCORED)
+    single = load_model(str(odd_model), lora=lora)
+    if lora is not None:
+        _train_adapters(single)
+    expected = LocalScorer(single, load_tokenizer(str(odd_model)), batch_size=2).run(SCORED)
+    assert any(answer.get("text") for answer in expected)  # the generations are not all empty
+    for record in ranks:
+        assert record["training_after"]  # the training model is back in training mode
+        for got, want in zip(record["answers"], expected, strict=True):
+            if "text" in want:
+                assert got == want
+            else:
+                assert got["correct"] == want["correct"]
+                assert torch.allclose(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
+                                      atol=1e-5, rtol=0)
 
 
 def test_a_folder_whose_weights_lack_a_parameter_fails_naming_the_model(tmp_path):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -221,3 +222,35 @@ def test_an_interrupted_search_resumes_its_parent_run_and_unfinished_trials(fine
     assert [r["status"] for r in summary["trials"]] == ["done", "done"]
     after = {c.info.run_id: c.info.status for c in _children(client, summary["parent_run_id"])}
     assert set(before) <= set(after) and list(after.values()) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_tune_with_lora_on_two_workers_trains_only_the_adapters_and_registers_them_merged(finetuned, tmp_path,
+                                                                                         monkeypatch):
+    """A trial of 2 FSDP2 workers with LoRA and a metric per epoch: the epoch's evaluation scores
+    the sharded model; the registered version is the base model with only the adapted layers changed."""
+    import math
+
+    from pipelines.models import download_model
+    from unlearn.models import load_model
+
+    _, report, source = finetuned
+    monkeypatch.chdir(tmp_path)
+    uri, overrides = _tune_config(tmp_path, source, [
+        "run_name=lora", "train.epochs=2", "tune.num_samples=1", "tune.metric=forget_prob", "tune.mode=min",
+        'tune.search_space={"train.lr": {"choice": [0.001]}}', "registry.model_name=lora-tuned",
+        "model.lora.r=4", "ray.num_workers=2", 'gate.rules=["model_utility >= 0.5 * base.model_utility"]'])
+    summary = run_tune(build_config({}, overrides), report["target"], reference=report["retain"])
+    assert [t["status"] for t in summary["trials"]] == ["done"] and summary["registered_version"] == "1"
+    client = MlflowClient(uri)
+    (child,) = _children(client, summary["parent_run_id"])
+    assert math.isfinite(child.data.metrics["epoch.forget_prob"])  # epoch 1, scored on the shards
+    version = client.get_model_version("lora-tuned", "1")
+    form = "full weights, LoRA merged in (r=4, alpha=16, q_proj/k_proj/v_proj/o_proj)"  # the default modules
+    assert version.tags["model_form"] == form
+    tuned = load_model(download_model(summary["best"]["model_uri"], tmp_path / "registered")).state_dict()
+    target = load_model(report["target"]).state_dict()
+    assert set(tuned) == set(target)
+    adapted = tuple(f"self_attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    changed = {name for name, value in target.items() if not torch.equal(tuned[name], value)}
+    assert changed and all(name.endswith(adapted) for name in changed)

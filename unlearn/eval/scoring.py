@@ -16,8 +16,9 @@ Requests are sorted by length before batching (little padding) and results retur
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -152,8 +153,9 @@ def token_scores(model: nn.Module, batch: dict[str, torch.Tensor], *,
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[list[int]], *,
-                    max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
-    """Greedy continuations of a batch of prompt ids (left-padded, KV cache), cut at EOS/stop."""
+                    max_new_tokens: int, stop: Sequence[str] = (), synced_gpus: bool = False) -> list[str]:
+    """Greedy continuations of a batch of prompt ids (left-padded, KV cache), cut at EOS/stop.
+    ``synced_gpus``: every rank of a sharded model keeps stepping until all ranks are done."""
     from transformers import GenerationConfig
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -165,7 +167,7 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[list[int]], *
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos, pad_token_id=pad,
                               stop_strings=list(stop) or None)
-    output = model.generate(**batch, generation_config=config,
+    output = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus,
                             tokenizer=tokenizer if stop else None)
     texts = []
     for row in output[:, batch["input_ids"].shape[1]:].tolist():
@@ -180,6 +182,8 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[list[int]], *
 
 class LocalScorer:
     """Answers requests in this process, in length-sorted batches."""
+
+    synced_gpus = False
 
     def __init__(self, model: nn.Module, tokenizer, *, batch_size: int = DEFAULT_BATCH_SIZE,
                  generation_batch_size: int | None = None, max_length: int = DEFAULT_MAX_LENGTH,
@@ -205,6 +209,10 @@ class LocalScorer:
         ordered = sorted(indices, key=lambda i: -lengths[i])
         return [ordered[s:s + size] for s in range(0, len(ordered), size)]
 
+    def _share(self, batches: list) -> list[tuple[Any, bool]]:
+        """The batches this process runs, each with whether its answers are kept."""
+        return [(batch, True) for batch in batches]
+
     def _likelihoods(self, requests, indices, results) -> None:
         if not indices:
             return
@@ -213,11 +221,13 @@ class LocalScorer:
         pad = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
         batches = self._batches(indices, lengths, self.batch_size)
-        for group in tqdm(batches, desc="likelihood", disable=not self.progress, leave=False):
+        for group, keep in tqdm(self._share(batches), desc="likelihood", disable=not self.progress,
+                                leave=False):
             batch = collate([features[i] for i in group], pad)
             scores = token_scores(self.model, {k: v.to(device) for k, v in batch.items()})
             for i, (logprobs, correct) in zip(group, scores):
-                results[i] = {"logprobs": logprobs, "correct": correct}
+                if keep:
+                    results[i] = {"logprobs": logprobs, "correct": correct}
 
     def _generations(self, requests, indices, results) -> None:
         if not indices:
@@ -230,9 +240,48 @@ class LocalScorer:
             settings.setdefault((requests[i].max_new_tokens, requests[i].stop), []).append(i)
         batches = [(key, group) for key, members in settings.items()
                    for group in self._batches(members, lengths, self.generation_batch_size)]
-        for (max_new_tokens, stop), group in tqdm(batches, desc="generate", disable=not self.progress,
-                                                  leave=False):
+        for ((max_new_tokens, stop), group), keep in tqdm(self._share(batches), desc="generate",
+                                                          disable=not self.progress, leave=False):
             texts = greedy_generate(self.model, self.tokenizer, [prompts[i] for i in group],
-                                    max_new_tokens=max_new_tokens, stop=stop)
+                                    max_new_tokens=max_new_tokens, stop=stop, synced_gpus=self.synced_gpus)
             for i, text in zip(group, texts):
-                results[i] = {"text": text}
+                if keep:
+                    results[i] = {"text": text}
+
+
+class ShardedScorer(LocalScorer):
+    """Answers requests with a model sharded over ranks (FSDP2), no rank holding the full model.
+
+    Collective: every rank calls ``run`` with the same requests. Each rank runs every
+    ``world``-th batch and every rank returns all the answers (``gather``: a list per rank, as
+    ``torch.distributed.all_gather_object``). Each forward is a collective, so all ranks run the
+    same number of batches (a rank one short repeats the first and drops its answers) and
+    generate in step. The root's parameters (embeddings, final norm, head) are gathered for the
+    whole call: the scoring and ``generate`` paths call submodules past the root's hooks.
+    """
+
+    synced_gpus = True
+
+    def __init__(self, model: nn.Module, tokenizer, *, rank: int, world: int,
+                 gather: Callable[[list], list[list]], **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        self.rank, self.world, self.gather = rank, world, gather
+
+    def _share(self, batches: list) -> list[tuple[Any, bool]]:
+        mine = batches[self.rank::self.world]
+        short = -(-len(batches) // self.world) - len(mine)
+        return [(batch, True) for batch in mine] + [(batches[0], False)] * short
+
+    def run(self, requests: Sequence[Request]) -> list[dict]:
+        training = self.model.training
+        self.model.unshard()
+        try:
+            local = super().run(requests)
+        finally:
+            self.model.reshard()
+            self.model.train(training)
+        merged: list[dict | None] = [None] * len(requests)
+        for answered in self.gather([(i, r) for i, r in enumerate(local) if r is not None]):
+            for i, result in answered:
+                merged[i] = result
+        return merged  # type: ignore[return-value]
