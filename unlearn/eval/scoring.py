@@ -167,8 +167,9 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[list[int]], *
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos, pad_token_id=pad,
                               stop_strings=list(stop) or None)
-    output = model.generate(**batch, generation_config=config, synced_gpus=synced_gpus,
-                            tokenizer=tokenizer if stop else None)
+    in_step = {"synced_gpus": True} if synced_gpus else {}
+    output = model.generate(**batch, generation_config=config, tokenizer=tokenizer if stop else None,
+                            **in_step)
     texts = []
     for row in output[:, batch["input_ids"].shape[1]:].tolist():
         if eos in row:
