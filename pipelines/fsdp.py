@@ -66,12 +66,16 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
         apply_lora,
         enable_gradient_checkpointing,
         init_lora_weights,
+        is_adapter_folder,
         resolve_model_path,
     )
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = _local_folder(resolve_model_path(spec))
+    if is_adapter_folder(path):
+        raise ModelLoadError(f"{spec!r} holds LoRA adapters only, and sharded loading needs full weights: "
+                             "start from their base model, or from a run with model.lora.merge=true")
     try:
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights(include_buffers=False):
@@ -263,6 +267,25 @@ def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
         GenerationConfig.from_pretrained(source).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def export_adapter(model: nn.Module, tokenizer, spec: str, out_dir: Path) -> Path | None:
+    """Write a sharded LoRA model's adapters as a PEFT folder (collective; only the adapters are
+    gathered, a small fraction of the model), its base model ``spec``'s resolved path; the folder
+    on rank 0, None elsewhere."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from unlearn.models import resolve_model_path, write_adapter
+
+    adapters = {}
+    for name, value in get_model_state_dict(model).items():
+        if "lora_" in name:
+            adapters[name] = (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return write_adapter(model, adapters, tokenizer, resolve_model_path(spec), out_dir)
 
 
 def _lora_scaling(model: nn.Module) -> dict[str, float]:

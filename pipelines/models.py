@@ -1,9 +1,9 @@
 """Models in MLflow: log a Hugging Face folder as an MLflow model, and get one back.
 
 A model is logged as a pyfunc whose artifact ``hf_model`` is the ``from_pretrained`` folder
-(safetensors + tokenizer), so the registry holds exactly the files ``unlearn.models.load_model``
-takes. ``models:/NAME/VERSION``, ``models:/NAME@alias``, ``models:/<model id>`` and
-``runs:/ID/path`` URIs are downloaded back to that folder.
+(safetensors + tokenizer), or a LoRA run's PEFT adapter folder, so the registry holds exactly the
+files ``unlearn.models.load_model`` takes. ``models:/NAME/VERSION``, ``models:/NAME@alias``,
+``models:/<model id>`` and ``runs:/ID/path`` URIs are downloaded back to that folder.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlflow
 
-from unlearn.models import ModelLoadError
+from unlearn.models import ADAPTER_CONFIG, ModelLoadError, is_adapter_folder
 
 ARTIFACT = "hf_model"
 
@@ -41,8 +41,9 @@ def log_hf_model(folder: str | Path, name: str = "model", **kwargs):
     import logging
     import warnings
 
-    if not (Path(folder) / "config.json").is_file():
-        raise ModelLoadError(f"{folder} is not a from_pretrained folder (no config.json)")
+    if not (Path(folder) / "config.json").is_file() and not is_adapter_folder(folder):
+        raise ModelLoadError(f"{folder} is not a from_pretrained folder (no config.json) "
+                             "nor a LoRA adapter folder")
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
     # The wrapper class is ours and importable; MLflow's pickling and type-hint advice is noise here.
@@ -63,7 +64,9 @@ def download_model(uri: str, dst: str | Path | None = None) -> str:
     except Exception as exc:  # noqa: BLE001 - unknown name/version, unreachable server, ...
         raise ModelLoadError(f"cannot download {uri} from MLflow ({mlflow.get_tracking_uri()}): "
                              f"{exc}") from None
-    folders = sorted(p.parent for p in local.rglob("config.json"))
+    folders = sorted({p.parent for name in ("config.json", ADAPTER_CONFIG) for p in local.rglob(name)
+                      if name == "config.json" or is_adapter_folder(p.parent)})
     if not folders:
-        raise ModelLoadError(f"{uri}: no Hugging Face model folder (config.json) in its artifacts at {local}")
+        raise ModelLoadError(f"{uri}: no Hugging Face model folder (config.json) nor LoRA adapter folder "
+                             f"in its artifacts at {local}")
     return str(folders[0])

@@ -39,12 +39,15 @@ def config_hash(config: dict) -> str:
 
 
 def model_form(cfg) -> str:
-    """What a registered folder holds: the full model's weights, or LoRA adapters merged into them."""
+    """What a registered folder holds: the full model's weights, LoRA adapters merged into them,
+    or the adapters alone (loaded on their base model)."""
     lora = cfg.model.lora
     if lora is None:
         return "full weights"
-    return (f"full weights, LoRA merged in (r={lora.r}, alpha={lora.alpha}, "
-            f"{'/'.join(lora.target_modules)})")
+    adapters = f"r={lora.r}, alpha={lora.alpha}, {'/'.join(lora.target_modules)}"
+    if lora.merge:
+        return f"full weights, LoRA merged in ({adapters})"
+    return f"LoRA adapters only ({adapters}), on the base model"
 
 
 def lineage(cfg, base_model: str, forget: tuple[int, str], run_id: str, **extra) -> dict:

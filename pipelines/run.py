@@ -431,12 +431,17 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
                 f"resumes MLflow run {run_id} from the latest.") from None
     if result.checkpoint is None:
         raise RuntimeError("training ended without an exported model")
-    model_dir = out / "unlearned"
+    model_dir = out / "unlearned"  # the run's model: full weights, or a LoRA run's adapters alone
+    adapter_dir = out / "adapter"  # a LoRA run's adapters beside its merged model
     with result.checkpoint.as_directory() as folder:
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        shutil.copytree(folder, model_dir)
-    (model_dir / "unlearn_export.json").unlink(missing_ok=True)
+        exported = Path(folder)
+        for path in (model_dir, adapter_dir):
+            if path.exists():
+                shutil.rmtree(path)
+        full = exported / "model"
+        shutil.copytree(full if full.is_dir() else exported / "adapter", model_dir)
+        if full.is_dir() and (exported / "adapter").is_dir():
+            shutil.copytree(exported / "adapter", adapter_dir)
 
     # 4. evaluate after, artifacts, summary
     if cfg.eval.after:
@@ -462,6 +467,8 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
     client.log_artifact(run_id, str(config_file))
     if plot:
         client.log_artifact(run_id, str(plot))
+    if adapter_dir.is_dir():
+        client.log_artifacts(run_id, str(adapter_dir), "adapter")
     gate, version = None, None
     if "after" in results:
         from pipelines.registry import judge_and_register, lineage
@@ -480,7 +487,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         "before": results.get("before", {}).get("aggregates"),
         "after": results.get("after", {}).get("aggregates"),
         "mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "model_dir": str(model_dir),
-        "model_uri": model_uri,
+        "adapter_dir": str(adapter_dir) if adapter_dir.is_dir() else None, "model_uri": model_uri,
         "base_version": f"models:/{base.name}/{base.version}" if base else None, "rechecked": rechecked,
         "data": resolve_source(cfg), "method": objective.name, "workers": r.num_workers,
         "steps": len(history), "stop": stop, "plot": str(plot) if plot else None,

@@ -17,8 +17,9 @@ Checkpoints (``torch.distributed.checkpoint``: sharded model and optimizer, plus
 EGUP state, the scheduler, the step and every rank's RNG) are reported to Ray Train; a restarted
 worker group (``FailureConfig``) or a re-run with the same run name resumes from the latest. The
 last report carries the exported Hugging Face folder (``pipelines.fsdp.export_sharded``: written
-tensor by tensor from rank 0, never the full model at once). Tune's per-epoch evaluation scores
-the sharded model in place. No worker holds the full model at any point.
+tensor by tensor from rank 0, never the full model at once) and, for LoRA, the PEFT adapter
+folder. Tune's per-epoch evaluation scores the sharded model in place. No worker holds the full
+model at any point.
 """
 
 from __future__ import annotations
@@ -393,10 +394,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
              "stopped_after_epochs": float(-1 if stopped_at is None else stopped_at),
              "steps_per_epoch": float(steps_per_epoch)}
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export_full_model(model, tokenizer, spec, Path(tmp) / "model")
-        if exported is not None:
-            (Path(tmp) / "model" / EXPORT_MARKER).write_text(json.dumps(final))
-            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(exported)))
+        # model/: the full weights (LoRA merged in); adapter/: a LoRA run's adapters (always)
+        if lora is None or cfg.model.lora.merge:
+            export_full_model(model, tokenizer, spec, Path(tmp) / "model")
+        if lora is not None:
+            from pipelines.fsdp import export_adapter
+
+            export_adapter(model, tokenizer, spec, Path(tmp) / "adapter")
+        if rank == 0:
+            (Path(tmp) / EXPORT_MARKER).write_text(json.dumps(final))
+            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(final, checkpoint=None)
 

@@ -71,3 +71,48 @@ def test_smollm2_from_gguf_answers_an_easy_question():
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
     assert "Paris" in answer
+
+
+def _adapter_folder(tiny_dir, out):
+    """A LoRA model on ``tiny_dir`` whose adapters moved (seeded), written as a PEFT folder."""
+    from unlearn.models import LoraSettings, lora_state, write_adapter
+
+    model = load_model(str(tiny_dir), lora=LoraSettings(r=2, target_modules=("q_proj", "v_proj")))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model.eval(), write_adapter(model, lora_state(model), load_tokenizer(str(tiny_dir)),
+                                       str(tiny_dir), out)
+
+
+def test_lora_adapters_round_trip_through_a_peft_folder(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    model, folder = _adapter_folder(tiny_dir, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()}
+    assert not (folder / "config.json").exists()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert not torch.allclose(expected, load_model(str(tiny_dir))(input_ids=ids).logits, atol=1e-3)
+        on_base = PeftModel.from_pretrained(load_model(str(tiny_dir)), str(folder))
+        assert torch.allclose(on_base(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        merged = load_model(str(folder))  # the base named in the folder, adapters merged in
+        assert not hasattr(merged, "peft_config")
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+    tokens = load_tokenizer(str(folder))("Ada")["input_ids"]
+    assert tokens == load_tokenizer(str(tiny_dir))("Ada")["input_ids"]
+
+
+def test_an_adapter_folder_whose_base_is_gone_fails_naming_the_base(tiny_dir, tmp_path):
+    import json
+
+    _, folder = _adapter_folder(tiny_dir, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"need their base model .*gone.*, which cannot be loaded"):
+        load_model(str(folder))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("ray")
 
@@ -19,6 +20,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from pipelines.run import PipelineError, run_pipeline  # noqa: E402
 from unlearn.config import build_config  # noqa: E402
+from unlearn.models import load_model  # noqa: E402
 from unlearn.workflow import run_unlearning  # noqa: E402
 
 STEP_TOLERANCE = 0.05  # relative, per step, forget and retain loss
@@ -165,6 +167,12 @@ def test_lora_on_two_fsdp2_workers_matches_one_process_and_exports_a_merged_mode
     assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=0.02)
     folder = Path(summary["model_dir"])
     assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+    # the adapters are written beside it, and load as the same model
+    adapter = Path(summary["adapter_dir"])
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").exists()
+    merged, from_adapter = load_model(str(folder)).state_dict(), load_model(str(adapter)).state_dict()
+    for name, value in merged.items():
+        assert torch.allclose(from_adapter[name], value, atol=1e-6), name
 
 
 

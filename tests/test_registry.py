@@ -102,7 +102,7 @@ def fake_lineage(run_id: str) -> dict:
             "mlflow_run_id": run_id}
 
 
-def test_the_lineage_says_whether_the_weights_are_the_full_models_or_have_lora_merged_in():
+def test_the_lineage_says_whether_the_weights_are_the_full_models_have_lora_merged_in_or_are_adapters():
     from pipelines.registry import lineage
     from unlearn.config import build_config
 
@@ -113,6 +113,9 @@ def test_the_lineage_says_whether_the_weights_are_the_full_models_or_have_lora_m
     assert full["model_form"] == "full weights"
     assert merged["model_form"] == "full weights, LoRA merged in (r=4, alpha=8, q_proj/v_proj)"
     assert full["config_hash"] != merged["config_hash"]
+    adapters = build_config(lora.model_dump(mode="json"), ["model.lora.merge=false"])
+    alone = lineage(adapters, "tiny", (16, "ab"), "run")
+    assert alone["model_form"] == "LoRA adapters only (r=4, alpha=8, q_proj/v_proj), on the base model"
 
 
 def evaluation(after: dict) -> dict:

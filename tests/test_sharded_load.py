@@ -74,6 +74,10 @@ def _worker(rank: int, world: int, folder: str, port: int, out: str, frozen: boo
 
             record["exported"] = export_sharded(model, load_tokenizer(folder), folder, export,
                                                 max_shard_bytes=100_000)
+            if lora is not None:
+                from pipelines.fsdp import export_adapter
+
+                record["adapter"] = export_adapter(model, load_tokenizer(folder), folder, export + "-adapter")
         torch.save(record, f"{out}.{rank}")
         # Tearing gloo down while the peer still has traffic in flight aborts the process
         # ("terminate called without an active exception") about once in five runs.
@@ -159,7 +163,8 @@ def _stored_bytes(folder):
     return total
 
 
-def test_lora_on_two_ranks_gives_the_single_process_model_and_exports_it_merged(odd_model, tmp_path):
+def test_lora_on_two_ranks_gives_the_single_process_model_and_exports_it_merged_and_as_adapters(odd_model,
+                                                                                               tmp_path):
     import json
 
     lora = LoraSettings(r=4, alpha=8, init_seed=3)
@@ -180,6 +185,17 @@ def test_lora_on_two_ranks_gives_the_single_process_model_and_exports_it_merged(
         assert torch.allclose(record["base_logits"], base, atol=1e-5, rtol=0)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == _stored_bytes(out)  # the merged weights, no adapters
+    # the adapters alone: a PEFT folder on the base model, as PEFT itself and load_model read it
+    from peft import PeftModel
+
+    adapter = tmp_path / "merged-adapter"
+    assert ranks[0]["adapter"] == adapter and ranks[1]["adapter"] is None
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(odd_model)
+    with torch.no_grad():
+        on_base = PeftModel.from_pretrained(load_model(str(odd_model)), str(adapter))(**batch).logits
+        assert torch.allclose(on_base, expected, atol=1e-5, rtol=0)
+        assert torch.allclose(load_model(str(adapter))(**batch).logits, expected, atol=1e-5, rtol=0)
     merged, exported = single.merge_and_unload().state_dict(), load_model(str(out)).state_dict()
     assert set(exported) == set(merged)
     for name, value in merged.items():

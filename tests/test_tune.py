@@ -225,10 +225,11 @@ def test_an_interrupted_search_resumes_its_parent_run_and_unfinished_trials(fine
 
 
 @pytest.mark.slow
-def test_tune_with_lora_on_two_workers_trains_only_the_adapters_and_registers_them_merged(finetuned, tmp_path,
+def test_tune_with_lora_on_two_workers_trains_only_the_adapters_and_registers_them_alone(finetuned, tmp_path,
                                                                                          monkeypatch):
     """A trial of 2 FSDP2 workers with LoRA and a metric per epoch: the epoch's evaluation scores
-    the sharded model; the registered version is the base model with only the adapted layers changed."""
+    the sharded model; the registered version is the adapter folder (model.lora.merge=false), which
+    loads as the base model with only the adapted layers changed."""
     import math
 
     from pipelines.models import download_model
@@ -239,16 +240,19 @@ def test_tune_with_lora_on_two_workers_trains_only_the_adapters_and_registers_th
     uri, overrides = _tune_config(tmp_path, source, [
         "run_name=lora", "train.epochs=2", "tune.num_samples=1", "tune.metric=forget_prob", "tune.mode=min",
         'tune.search_space={"train.lr": {"choice": [0.001]}}', "registry.model_name=lora-tuned",
-        "model.lora.r=4", "ray.num_workers=2", 'gate.rules=["model_utility >= 0.5 * base.model_utility"]'])
+        "model.lora.r=4", "model.lora.merge=false", "ray.num_workers=2",
+        'gate.rules=["model_utility >= 0.5 * base.model_utility"]'])
     summary = run_tune(build_config({}, overrides), report["target"], reference=report["retain"])
     assert [t["status"] for t in summary["trials"]] == ["done"] and summary["registered_version"] == "1"
     client = MlflowClient(uri)
     (child,) = _children(client, summary["parent_run_id"])
     assert math.isfinite(child.data.metrics["epoch.forget_prob"])  # epoch 1, scored on the shards
     version = client.get_model_version("lora-tuned", "1")
-    form = "full weights, LoRA merged in (r=4, alpha=16, q_proj/k_proj/v_proj/o_proj)"  # the default modules
-    assert version.tags["model_form"] == form
-    tuned = load_model(download_model(summary["best"]["model_uri"], tmp_path / "registered")).state_dict()
+    form = "LoRA adapters only (r=4, alpha=16, q_proj/k_proj/v_proj/o_proj), on the base model"
+    assert version.tags["model_form"] == form  # the default modules
+    registered = Path(download_model(summary["best"]["model_uri"], tmp_path / "registered"))
+    assert (registered / "adapter_config.json").is_file() and not (registered / "config.json").exists()
+    tuned = load_model(str(registered)).state_dict()  # the base named in the folder, adapters merged in
     target = load_model(report["target"]).state_dict()
     assert set(tuned) == set(target)
     adapted = tuple(f"self_attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj"))

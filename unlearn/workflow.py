@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,17 @@ from unlearn.loop import (
     mean_prob,
     pair_batches,
 )
-from unlearn.models import AdaptersOff, LoraSettings, frozen_copy, load_model, load_tokenizer, save_model
+from unlearn.models import (
+    AdaptersOff,
+    LoraSettings,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+    lora_state,
+    resolve_model_path,
+    save_model,
+    write_adapter,
+)
 from unlearn.objectives import EGUP, Objective, get_objective
 from unlearn.stopping import ForgetHoldoutStop
 
@@ -428,11 +439,22 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
         log.warning("early stopping: the forget set's AUC did not reach %.3f in %d epochs (last %s)",
                     stopper.auc, t.epochs, f"{stopper.history[-1][1]:.3f}" if stopper.history else "n/a")
     after = {"forget_prob": mean_prob(model, eval_forget), "retain_loss": mean_nll(model, eval_retain)}
-    out_dir = save_model(model, tokenizer, Path(cfg.output_dir) / "unlearned")
+    adapter_dir = None
+    for stale in ("unlearned", "adapter"):  # an earlier run's files must not mix with this one's
+        shutil.rmtree(Path(cfg.output_dir) / stale, ignore_errors=True)
+    if cfg.model.lora is not None:  # the adapters always; the merged model unless merge is off
+        folder = "adapter" if cfg.model.lora.merge else "unlearned"
+        adapter_dir = write_adapter(model, lora_state(model), tokenizer, resolve_model_path(spec),
+                                    Path(cfg.output_dir) / folder)
+    if cfg.model.lora is None or cfg.model.lora.merge:
+        out_dir = save_model(model, tokenizer, Path(cfg.output_dir) / "unlearned")
+    else:
+        out_dir = adapter_dir
     result = {
         "method": objective.name, "params": objective.params, "before": before, "after": after,
         "eps": float(dual.eps) if dual is not None else None, "history": history,
-        "model_dir": str(out_dir), "overlap_dropped": len(data.overlap),
+        "model_dir": str(out_dir), "adapter_dir": str(adapter_dir) if adapter_dir else None,
+        "overlap_dropped": len(data.overlap),
         "stop": None if stopper is None else stop_record(stopper.auc, stopped_at, dict(stopper.history)),
     }
     (Path(cfg.output_dir) / "unlearn.json").write_text(json.dumps(result, indent=2, default=str))
