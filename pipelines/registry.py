@@ -188,7 +188,9 @@ class PromotionLock:
                 self.client.create_registered_model(self.name, description="held while promoting")
                 return self
             except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                # The sqlalchemy store answers a name clash by looking the holder up; if the holder
+                # released the lock in between, that lookup says RESOURCE_DOES_NOT_EXIST.
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
             self._break_if_stale()
             if time.monotonic() > deadline:

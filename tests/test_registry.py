@@ -11,7 +11,14 @@ from mlflow import MlflowClient
 
 from pipelines.evidence import KEY_ENV, record_evidence, sha256_file, verify_files, verify_version
 from pipelines.models import download_model, log_hf_model
-from pipelines.registry import CHALLENGER, CHAMPION, PromotionRefused, judge_and_register, promote
+from pipelines.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PromotionLock,
+    PromotionRefused,
+    judge_and_register,
+    promote,
+)
 from unlearn.gate import GateError, evaluate_gate, parse_rule, parse_rules, regressions
 from unlearn.models import load_model, load_tokenizer, save_model
 
@@ -167,6 +174,43 @@ def test_promote_refuses_ungated_and_regressing_versions_and_accepts_a_good_one(
     with pytest.raises(PromotionRefused, match=f"version {rogue.version}: has no passing gate"):
         promote(client, "forgetful", rogue.version)
     assert str(client.get_model_version_by_alias("forgetful", CHAMPION).version) == better.version
+
+
+class _ScriptedLockStore:
+    """A client whose create_registered_model answers from a script (an error code, or None to
+    succeed), as the tracking store answers promoters racing for the lock."""
+
+    def __init__(self, answers: list[str | None]) -> None:
+        self.answers, self.created, self.deleted = list(answers), 0, []
+
+    def create_registered_model(self, name, description=None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos import databricks_pb2
+
+        code = self.answers.pop(0)
+        if code is not None:
+            raise MlflowException(f"{name}: {code}", error_code=getattr(databricks_pb2, code))
+        self.created += 1
+
+    def get_registered_model(self, name):
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException(f"{name} not found")
+
+    def delete_registered_model(self, name):
+        self.deleted.append(name)
+
+
+def test_the_promotion_lock_waits_out_a_holder_that_releases_while_the_store_reports_the_clash():
+    # The sqlalchemy store reports a name clash by looking the holder up; a holder that released in
+    # between turns that into RESOURCE_DOES_NOT_EXIST, which is contention, not a failure.
+    store = _ScriptedLockStore(["RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", None])
+    with PromotionLock(store, "forgetful", timeout_s=10):
+        assert store.created == 1 and store.answers == []
+    assert store.deleted == ["forgetful.promotion-lock"]
+    with pytest.raises(Exception, match="PERMISSION_DENIED"):
+        with PromotionLock(_ScriptedLockStore(["PERMISSION_DENIED"]), "forgetful", timeout_s=10):
+            pass
 
 
 # --------------------------------------------------------------------------- evidence, not tags

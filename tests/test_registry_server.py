@@ -4,6 +4,7 @@ a read-only user. The server process is started and stopped by this module."""
 import contextlib
 import multiprocessing
 import os
+import queue as queues
 import signal
 import socket
 import subprocess
@@ -120,6 +121,19 @@ def _pipeline_process(url: str, folder: str, forget_quality: float, queue) -> No
     queue.put((forget_quality, version, outcome))
 
 
+def _outcomes(queue, workers, timeout_s: float = 300.0) -> list:
+    """Every worker's outcome; fails at once (not after the timeout) when a worker died."""
+    outcomes, deadline = [], time.monotonic() + timeout_s
+    while len(outcomes) < len(workers):
+        try:
+            outcomes.append(queue.get(timeout=1.0))
+        except queues.Empty:
+            died = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            assert not died, f"a pipeline process died with exit code {died}; its traceback is above"
+            assert time.monotonic() < deadline, f"only {len(outcomes)} of {len(workers)} pipelines answered"
+    return outcomes
+
+
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     import torch
@@ -160,7 +174,7 @@ def test_four_pipelines_register_at_once_and_the_champion_is_the_one_promote_cho
                for q in qualities]
     for worker in workers:
         worker.start()
-    outcomes = [queue.get(timeout=300) for _ in workers]
+    outcomes = _outcomes(queue, workers)
     for worker in workers:
         worker.join(60)
         assert worker.exitcode == 0
