@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unlearn.models import LoraSettings
+from unlearn.models import LoraSettings, is_lora_tensor
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -102,7 +102,7 @@ def load_sharded(spec: str, *, dtype: str = "float32", device: torch.device | st
     tied = _tied_names(model)
     # the files' names for the base weights (a LoRA model's differ); the adapters are not in them
     stored = {base_name(name): value for name, value in state.items()
-              if name not in tied and "lora_" not in name}
+              if name not in tied and not is_lora_tensor(name)}
     entries = _stored_entries(Path(path))
     missing = sorted(set(stored) - set(entries))
     if missing:
@@ -215,7 +215,6 @@ def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
     import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from torch.distributed.tensor import DTensor
     from transformers import AutoConfig, GenerationConfig
 
     from unlearn.models import resolve_model_path
@@ -225,25 +224,22 @@ def export_sharded(model: nn.Module, tokenizer, spec: str, out_dir: Path,
     state = {name: value for name, value in get_model_state_dict(model).items() if name not in tied}
     scaling = _lora_scaling(model)
     # the files' tensors: the base weights under their own names, LoRA's merged into them
-    state_of = {base_name(key): key for key in state if "lora_" not in key}
+    state_of = {base_name(key): key for key in state if not is_lora_tensor(key)}
     plan = _file_plan({name: state[key] for name, key in state_of.items()}, max_shard_bytes)
     files = max(plan.values())
     out_dir = Path(out_dir)
     weight_map: dict[str, str] = {}
-
-    def full(key: str) -> torch.Tensor:
-        value = state[key]
-        return (value.full_tensor() if isinstance(value, DTensor) else value).detach()  # a collective
 
     for number in range(1, files + 1):
         name = "model.safetensors" if files == 1 else f"model-{number:05d}-of-{files:05d}.safetensors"
         tensors = {}
         for out_name in (out_name for out_name, index in plan.items() if index == number):
             key = state_of[out_name]
-            value = full(key)
+            value = _full_tensor(state[key])
             layer = key.removesuffix(".base_layer.weight")
             if layer in scaling:  # W + (alpha / r) * B @ A
-                down, up = full(f"{layer}.lora_A.default.weight"), full(f"{layer}.lora_B.default.weight")
+                down = _full_tensor(state[f"{layer}.lora_A.default.weight"])
+                up = _full_tensor(state[f"{layer}.lora_B.default.weight"])
                 value = value + scaling[layer] * (up.float() @ down.float()).to(value.dtype)
             if rank == 0:
                 tensors[out_name] = value.to("cpu", copy=True).contiguous()
@@ -275,17 +271,21 @@ def export_adapter(model: nn.Module, tokenizer, spec: str, out_dir: Path) -> Pat
     on rank 0, None elsewhere."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    from torch.distributed.tensor import DTensor
 
     from unlearn.models import resolve_model_path, write_adapter
 
-    adapters = {}
-    for name, value in get_model_state_dict(model).items():
-        if "lora_" in name:
-            adapters[name] = (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
+    adapters = {name: _full_tensor(value).cpu() for name, value in get_model_state_dict(model).items()
+                if is_lora_tensor(name)}
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     return write_adapter(model, adapters, tokenizer, resolve_model_path(spec), out_dir)
+
+
+def _full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly sharded) state-dict value; a collective for a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    return (value.full_tensor() if isinstance(value, DTensor) else value).detach()
 
 
 def _lora_scaling(model: nn.Module) -> dict[str, float]:

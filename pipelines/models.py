@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlflow
 
-from unlearn.models import ADAPTER_CONFIG, ModelLoadError, is_adapter_folder
+from unlearn.models import ADAPTER_CONFIG, ModelLoadError, is_model_folder
 
 ARTIFACT = "hf_model"
 
@@ -41,7 +41,7 @@ def log_hf_model(folder: str | Path, name: str = "model", **kwargs):
     import logging
     import warnings
 
-    if not (Path(folder) / "config.json").is_file() and not is_adapter_folder(folder):
+    if not is_model_folder(folder):
         raise ModelLoadError(f"{folder} is not a from_pretrained folder (no config.json) "
                              "nor a LoRA adapter folder")
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
@@ -65,7 +65,7 @@ def download_model(uri: str, dst: str | Path | None = None) -> str:
         raise ModelLoadError(f"cannot download {uri} from MLflow ({mlflow.get_tracking_uri()}): "
                              f"{exc}") from None
     folders = sorted({p.parent for name in ("config.json", ADAPTER_CONFIG) for p in local.rglob(name)
-                      if name == "config.json" or is_adapter_folder(p.parent)})
+                      if is_model_folder(p.parent)})
     if not folders:
         raise ModelLoadError(f"{uri}: no Hugging Face model folder (config.json) nor LoRA adapter folder "
                              f"in its artifacts at {local}")

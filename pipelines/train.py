@@ -238,6 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lora_settings,
         make_batches,
         stop_record,
+        writes_full_model,
     )
 
     cfg = build_config(loop_config["config"])
@@ -395,7 +396,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
              "steps_per_epoch": float(steps_per_epoch)}
     with tempfile.TemporaryDirectory() as tmp:
         # model/: the full weights (LoRA merged in); adapter/: a LoRA run's adapters (always)
-        if lora is None or cfg.model.lora.merge:
+        if writes_full_model(cfg):
             export_full_model(model, tokenizer, spec, Path(tmp) / "model")
         if lora is not None:
             from pipelines.fsdp import export_adapter

@@ -91,7 +91,7 @@ def resolve_model_path(spec: str) -> str:
             raise ModelLoadError(f"GGUF file not found: {path}")
         return str(convert_gguf(path))
     if path.exists():
-        if not (path / "config.json").is_file() and not is_adapter_folder(path):
+        if not is_model_folder(path):
             raise ModelLoadError(
                 f"{path} is not a Hugging Face model folder (no config.json inside) "
                 f"nor a LoRA adapter folder (no {ADAPTER_CONFIG})"
@@ -307,6 +307,16 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file() and not (Path(path) / "config.json").is_file()
 
 
+def is_model_folder(path: str | Path) -> bool:
+    """A folder ``load_model`` takes: a ``from_pretrained`` folder or a LoRA adapter folder."""
+    return (Path(path) / "config.json").is_file() or is_adapter_folder(path)
+
+
+def is_lora_tensor(name: str) -> bool:
+    """A LoRA adapter tensor's state-dict name (PEFT's ``lora_A`` / ``lora_B``)."""
+    return "lora_" in name
+
+
 def _merged_adapter(path: str, dtype: str) -> nn.Module:
     """The adapter folder's base model with the adapters merged into its weights."""
     from peft import PeftConfig, PeftModel
@@ -325,7 +335,7 @@ def _merged_adapter(path: str, dtype: str) -> nn.Module:
 
 def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A LoRA model's adapter tensors, by state-dict name."""
-    return {name: value for name, value in model.state_dict().items() if "lora_" in name}
+    return {name: value for name, value in model.state_dict().items() if is_lora_tensor(name)}
 
 
 def write_adapter(model: nn.Module, adapters: dict[str, torch.Tensor], tokenizer, base: str,

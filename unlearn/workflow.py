@@ -349,6 +349,12 @@ def build_dual(cfg: Config, objective: Objective, reduce=None) -> DualController
                           rho=d.rho, warmup_steps=d.warmup_steps, reduce=reduce)
 
 
+def writes_full_model(cfg: Config) -> bool:
+    """Whether the run's model is full weights (no LoRA, or LoRA merged in) rather than the
+    adapter folder alone."""
+    return cfg.model.lora is None or cfg.model.lora.merge
+
+
 def lora_settings(cfg: Config) -> LoraSettings | None:
     lora = cfg.model.lora
     if lora is None:
@@ -443,10 +449,10 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
     for stale in ("unlearned", "adapter"):  # an earlier run's files must not mix with this one's
         shutil.rmtree(Path(cfg.output_dir) / stale, ignore_errors=True)
     if cfg.model.lora is not None:  # the adapters always; the merged model unless merge is off
-        folder = "adapter" if cfg.model.lora.merge else "unlearned"
+        folder = "adapter" if writes_full_model(cfg) else "unlearned"
         adapter_dir = write_adapter(model, lora_state(model), tokenizer, resolve_model_path(spec),
                                     Path(cfg.output_dir) / folder)
-    if cfg.model.lora is None or cfg.model.lora.merge:
+    if writes_full_model(cfg):
         out_dir = save_model(model, tokenizer, Path(cfg.output_dir) / "unlearned")
     else:
         out_dir = adapter_dir
