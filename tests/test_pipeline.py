@@ -173,6 +173,17 @@ def test_lora_on_two_fsdp2_workers_matches_one_process_and_exports_a_merged_mode
     merged, from_adapter = load_model(str(folder)).state_dict(), load_model(str(adapter)).state_dict()
     for name, value in merged.items():
         assert torch.allclose(from_adapter[name], value, atol=1e-6), name
+    # merge off, rerun into the same folder: the adapters alone are the model, no stale merged copy
+    first = load_model(one_process["model_dir"]).state_dict()
+    cfg_adapters = cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"lora": cfg.model.lora.model_copy(update={"merge": False})})})
+    again = run_unlearning(cfg_adapters, report["target"], reference=report["retain"], progress=False)
+    assert again["adapter_dir"] == again["model_dir"] == one_process["model_dir"]
+    assert not (Path(again["model_dir"]) / "config.json").exists()
+    assert not Path(one_process["adapter_dir"]).exists()
+    reloaded = load_model(again["model_dir"]).state_dict()  # the same seeded run, merged at load
+    for name, value in first.items():
+        assert torch.allclose(reloaded[name], value, atol=1e-6), name
 
 
 
