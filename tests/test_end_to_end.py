@@ -4,9 +4,14 @@ Measured figures are printed (run with -s) and asserted with stated tolerances.
 """
 
 import json
+import math
 
 import pytest
+import torch
 
+from unlearn.config import build_config
+from unlearn.models import load_model
+from unlearn.objectives import available
 from unlearn.workflow import run_unlearning
 
 # The retain constraint is enforced by a dual variable, not projected: it holds on average over
@@ -23,6 +28,19 @@ def test_target_memorises_and_retain_model_does_not(finetuned):
     assert probs["target"] > 0.8, "the target must memorise its forget set"
     assert probs["target"] > 5 * probs["base"]
     assert probs["retain"] < 0.5 * probs["target"], "the retain model never saw the forget set"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(available()))
+def test_every_method_runs_through_the_runner_with_its_defaults(finetuned, method):
+    cfg, report, _ = finetuned
+    cfg = build_config({}, [f"method.name={method}", "train.epochs=1", "stop.enabled=false",
+                            "eval.before=false", f"output_dir={cfg.output_dir}/{method}"])
+    result = run_unlearning(cfg, report["target"], reference=report["retain"], progress=False)
+    assert result["history"] and all(math.isfinite(h["loss"]) for h in result["history"])
+    moved = load_model(result["model_dir"]).state_dict()
+    target = load_model(report["target"]).state_dict()
+    assert any(not torch.equal(moved[name], value) for name, value in target.items())
 
 
 @pytest.mark.slow

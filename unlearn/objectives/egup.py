@@ -95,6 +95,9 @@ class EGUP(Objective):
     def prefix_tokens(self) -> int | None:
         return self.inner.prefix_tokens()
 
+    def wants_retain(self) -> bool:
+        return self.inner.wants_retain()
+
     def needs_proxy(self) -> bool:
         return bool(self.params["use_proxy"])
 
