@@ -313,7 +313,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = build_scheduler(optimizer, total_steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
     unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual, scheduler=scheduler,
                           max_grad_norm=t.max_grad_norm, fused=t.fused_losses, chunk_size=t.loss_chunk_size,
-                          backward_per_term=t.backward_per_term)
+                          backward_per_term=t.backward_per_term, precision=t.precision)
 
     checkpoint = ray.train.get_checkpoint()
     start_step, initial_retain = 0, None

@@ -57,6 +57,11 @@ class LoraConfig(_Strict):
                         "adapters merged in; false: the adapter folder alone (it is always written)")
 
 
+Precision = Literal["fp32", "bf16"]
+PRECISION_HELP = ("compute precision of the training forward and backward: fp32, or bf16 under "
+                  "torch.autocast with the weights, gradients and optimizer states kept in model.dtype")
+
+
 class ModelConfig(_Strict):
     name_or_path: str = Field("tiny", description="'tiny', 'smollm2-135m', a .gguf, a folder or a hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -135,6 +140,7 @@ class TrainConfig(_Strict):
     loss_chunk_size: int = Field(1024, ge=1, description="supervised positions per logits chunk")
     backward_per_term: bool = Field(True, description="backward through the forget term before the "
                                     "retain forward (one batch's activations at a time; same gradients)")
+    precision: Precision = Field("fp32", description=PRECISION_HELP)
     seed: int = 0
 
 
@@ -143,6 +149,7 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(16, ge=1)
     weight_decay: float = Field(0.0, ge=0)
+    precision: Precision = Field("fp32", description=PRECISION_HELP)
     seed: int = 0
     general_splits: list[str] | None = Field(
         None, description="general-knowledge splits both target and retain models also learn "

@@ -43,6 +43,7 @@ class _ChunkedHead(torch.autograd.Function):
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, kernel, chunk_size):
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, targets)
         ctx.kernel, ctx.chunk_size = kernel, chunk_size
+        ctx.autocast = _autocast_state(hidden.device.type)
         with torch.no_grad():
             values = [
                 kernel(_logits(hidden[s:e], weight), targets[s:e], _ref(ref_hidden, ref_weight, s, e))
@@ -59,7 +60,7 @@ class _ChunkedHead(torch.autograd.Function):
         head = weight.detach().requires_grad_(True)
         for s, e in _chunks(hidden.shape[0], ctx.chunk_size):
             rows = hidden[s:e].detach().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast(**ctx.autocast):  # the recompute as forward ran
                 values = ctx.kernel(_logits(rows, head), targets[s:e],
                                     _ref(ref_hidden, ref_weight, s, e))
                 d_rows, d_head = torch.autograd.grad(values, (rows, head), grad_values[s:e])
@@ -110,6 +111,12 @@ class _MarginHead(torch.autograd.Function):
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(start + size, n)
+
+
+def _autocast_state(device_type: str) -> dict:
+    """The autocast a forward ran under, for its backward's recompute (``torch.autocast`` kwargs)."""
+    return {"device_type": device_type, "enabled": torch.is_autocast_enabled(device_type),
+            "dtype": torch.get_autocast_dtype(device_type)}
 
 
 def _logits(rows: Tensor, weight: Tensor) -> Tensor:

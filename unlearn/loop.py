@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -33,6 +34,21 @@ def pair_batches(forget: Sequence[Batch], retain: Sequence[Batch] | None) -> Ite
     yield from zip(forget, itertools.cycle(retain))
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def compute_precision(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
+    """The context a training forward and backward run in: ``fp32`` as the weights are; ``bf16``
+    under ``torch.autocast`` on the model's device (matmuls in bf16; weights, gradients and
+    optimizer states stay in their own dtype, fp32 master weights by default)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+
 def supervised_tokens(batch: Batch | None) -> int:
     return 0 if batch is None else int((batch["labels"][:, 1:] != -100).sum())
 
@@ -53,6 +69,7 @@ class Unlearner:
     # backward through the forget term before the retain forward (objectives whose loss is a
     # weighted sum of the two): one batch's activations alive at a time instead of two
     backward_per_term: bool = True
+    precision: str = "fp32"  # see compute_precision
     extra: dict = field(default_factory=dict)
     global_step: int = 0
 
@@ -61,6 +78,7 @@ class Unlearner:
             raise ValueError(f"method {self.objective.name!r} needs a frozen reference model")
         if self.objective.uses_dual and self.dual is None:
             raise ValueError(f"method {self.objective.name!r} needs a DualController")
+        compute_precision(self.model, self.precision)  # refuses an unknown precision now
 
     def step(self, micro_batches: Sequence[Pair]) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics."""
@@ -76,12 +94,13 @@ class Unlearner:
         for forget, retain in micro_batches:
             inputs = StepInputs(self.model, forget, retain, self.ref_model, self.dual, self.extra,
                                 fused=self.fused, chunk_size=self.chunk_size)
-            weights = self.objective.term_weights(inputs) if self.backward_per_term else None
-            if weights is None:
-                out = self.objective.compute(inputs)
-                (out.loss * scale).backward()
-            else:
-                out = self.objective.backward_by_term(inputs, weights, scale)
+            with compute_precision(self.model, self.precision):
+                weights = self.objective.term_weights(inputs) if self.backward_per_term else None
+                if weights is None:
+                    out = self.objective.compute(inputs)
+                    (out.loss * scale).backward()
+                else:
+                    out = self.objective.backward_by_term(inputs, weights, scale)
             _accumulate(totals, "loss", float(out.loss.detach()) * scale)
             _accumulate(totals, "forget_loss", float(out.forget_loss.detach()) * scale)
             for key, value in out.metrics.items():

@@ -37,6 +37,7 @@ from unlearn.loop import (
     Unlearner,
     build_optimizer,
     build_scheduler,
+    compute_precision,
     mean_nll,
     mean_prob,
     pair_batches,
@@ -254,8 +255,10 @@ def make_batches(features: list[dict], batch_size: int, pad_token_id: int, *,
 
 
 def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr: float,
-             weight_decay: float = 0.0, desc: str = "finetune", progress: bool = True) -> list[float]:
-    """Plain NLL training; returns the mean loss of each epoch."""
+             weight_decay: float = 0.0, precision: str = "fp32", desc: str = "finetune",
+             progress: bool = True) -> list[float]:
+    """Plain NLL training (``precision``: see ``unlearn.loop.compute_precision``); returns the
+    mean loss of each epoch."""
     from unlearn import losses
     from unlearn.objectives import forward_logits
 
@@ -266,9 +269,10 @@ def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr
         model.train()
         total, count = 0.0, 0
         for batch in batches_for_epoch(epoch):
-            loss = losses.nll(forward_logits(model, batch), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with compute_precision(model, precision):
+                loss = losses.nll(forward_logits(model, batch), batch["labels"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             total, count = total + float(loss.detach()), count + 1
@@ -321,7 +325,7 @@ def run_finetune(cfg: Config, *, progress: bool = True) -> dict:
             model,
             lambda epoch, features=features: make_batches(
                 features, ft.batch_size, tokenizer.pad_token_id, shuffle=True, seed=ft.seed + epoch),
-            epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay,
+            epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay, precision=ft.precision,
             desc=f"finetune {role}", progress=progress,
         )
         report["forget_prob"][role] = mean_prob(model, forget_batches)
@@ -414,7 +418,8 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
                           scheduler=build_scheduler(optimizer, total_steps, schedule=t.schedule,
                                                     warmup_ratio=t.warmup_ratio),
                           max_grad_norm=t.max_grad_norm, fused=t.fused_losses,
-                          chunk_size=t.loss_chunk_size, backward_per_term=t.backward_per_term)
+                          chunk_size=t.loss_chunk_size, backward_per_term=t.backward_per_term,
+                          precision=t.precision)
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
     stopped_at = None
