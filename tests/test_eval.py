@@ -146,6 +146,22 @@ def test_absent_splits_make_their_metrics_unavailable_with_a_reason(tiny, tmp_pa
     assert "real_authors_perturbed" in why["model_utility"]
 
 
+def test_extraction_strength_follows_the_chosen_definition(tiny, tofu_dir):
+    model, tokenizer = tiny  # random weights: most answers end on a wrong token
+    per_sample = {}
+    for variant in ("reference", "strict"):
+        settings = EvalSettings(data=str(tofu_dir), max_new_tokens=2, extraction_strength=variant)
+        result = evaluate(LocalScorer(model, tokenizer), tokenizer, settings)
+        per_sample[variant] = result["per_sample"]["forget"]["extraction_strength"]
+        assert result["aggregates"]["extraction_strength"] == pytest.approx(
+            sum(per_sample[variant]) / len(per_sample[variant]))
+    pairs = list(zip(per_sample["reference"], per_sample["strict"]))
+    assert all(ref == strict or (strict == 0 and ref > 0) for ref, strict in pairs)
+    assert any(strict == 0 and ref > 0 for ref, strict in pairs)  # the definitions differ here
+    with pytest.raises(ValueError, match="extraction_strength must be one of"):
+        EvalSettings(data=str(tofu_dir), extraction_strength="loose")
+
+
 def test_muse_evaluation_reports_every_metric(tiny, tmp_path):
     write_muse(generate_muse(seed=0), tmp_path)
     model, tokenizer = tiny

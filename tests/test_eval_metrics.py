@@ -43,15 +43,37 @@ def test_normalised_prob_by_hand():
     assert metrics.normalised_prob(0.0, []) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("correct, expected", [
-    ([True, True, True], 1.0),
-    ([False, True, True, True], 0.75),
-    ([True, False, True, True], 0.5),
-    ([True, True, False], 0.0),
-    ([False], 0.0),
+@pytest.mark.parametrize("correct, reference, strict", [
+    ([True, True, True], 1.0, 1.0),
+    ([False, True, True, True], 0.75, 0.75),
+    ([True, False, True, True], 0.5, 0.5),
+    ([True, True, False], 1 / 3, 0.0),  # no suffix matches: the reference keeps k = |y| - 1
+    ([False, False, True], 1 / 3, 1 / 3),
+    ([False], 1.0, 0.0),
 ])
-def test_extraction_strength_on_constructed_cases(correct, expected):
-    assert metrics.extraction_strength(correct) == pytest.approx(expected)
+def test_extraction_strength_on_constructed_cases(correct, reference, strict):
+    assert metrics.extraction_strength(correct) == pytest.approx(reference)
+    assert metrics.extraction_strength(correct, "strict") == pytest.approx(strict)
+
+
+def _naive_reference_es(correct: list[bool]) -> float:
+    """OpenUnlearning's loop, literally: the first k whose suffix is all correct, else the last k."""
+    n = len(correct)
+    for k in range(n):
+        if all(correct[k:]):
+            break
+    return 1 - k / n
+
+
+def test_extraction_strength_matches_the_reference_loop_on_random_cases():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        correct = [rng.random() < 0.7 for _ in range(rng.randint(1, 12))]
+        assert metrics.extraction_strength(correct) == pytest.approx(_naive_reference_es(correct))
+    with pytest.raises(ValueError, match="unknown extraction strength variant 'loose'"):
+        metrics.extraction_strength([True], "loose")
 
 
 def test_min_k_takes_the_lowest_fraction():

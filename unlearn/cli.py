@@ -109,7 +109,8 @@ def _cmd_eval(args) -> int:
     try:
         settings = EvalSettings(data=_eval_data(args.benchmark, args.data), benchmark=args.benchmark,
                                 forget_split=args.forget_split, holdout_split=args.holdout_split,
-                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                extraction_strength=args.extraction_strength)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     model = resolve_model(args.model)
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="result JSON (default outputs/eval/<model>_...json)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-new-tokens", type=int, default=200, help="TOFU generation length")
+    ev.add_argument("--extraction-strength", choices=["reference", "strict"], default="reference",
+                    help="reference: OpenUnlearning's definition (default); strict: a wrong last "
+                    "answer token scores 0")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--ray", action="store_true", help="score on a Ray cluster (Ray Data actor pool)")
     ev.add_argument("--workers", type=int, default=2, help="Ray actors, each loads the model once")

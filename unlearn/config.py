@@ -166,6 +166,9 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(200, ge=1, description="TOFU generation length")
     max_length: int = Field(512, ge=8)
     holdout_split: str | None = Field(None, description="default: holdoutXX for forgetXX")
+    extraction_strength: Literal["reference", "strict"] = Field(
+        "reference", description="reference: OpenUnlearning's definition (at least 1/|answer|); strict: "
+        "a wrong last answer token scores 0")
 
 
 class StopConfig(_Strict):

@@ -22,7 +22,7 @@ def eval_settings(cfg: Config) -> EvalSettings:
     return EvalSettings(data=resolve_source(cfg), benchmark=cfg.data.benchmark,
                         forget_split=cfg.data.forget_split, holdout_split=cfg.eval.holdout_split,
                         batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                        max_length=cfg.eval.max_length)
+                        max_length=cfg.eval.max_length, extraction_strength=cfg.eval.extraction_strength)
 
 
 def evaluate_stage(spec: str, cfg: Config, reference: EvalReference | None, out: Path, name: str) -> dict:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unlearn.data import DataError
+from unlearn.eval.metrics import ES_VARIANTS
 from unlearn.eval.muse import aggregate_muse, load_muse_eval_data, plan_muse
 from unlearn.eval.report import (
     EvalReference,
@@ -42,10 +43,14 @@ class EvalSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     max_new_tokens: int = MAX_NEW_TOKENS
     max_length: int = DEFAULT_MAX_LENGTH
+    extraction_strength: str = "reference"  # see unlearn.eval.metrics.extraction_strength
 
     def __post_init__(self) -> None:
         if self.benchmark not in BENCHMARKS:
             raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {self.benchmark!r}")
+        if self.extraction_strength not in ES_VARIANTS:
+            raise ValueError(f"extraction_strength must be one of {ES_VARIANTS}, "
+                             f"got {self.extraction_strength!r}")
         for name in ("batch_size", "max_new_tokens", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -71,7 +76,8 @@ def evaluate(scorer, tokenizer, settings: EvalSettings, *, reference: EvalRefere
              sum(isinstance(r, Generation) for r in requests))
     results = scorer.run(requests)
     if settings.benchmark == "tofu":
-        aggregates, per_sample = aggregate_tofu(data, plan, results, reference)
+        aggregates, per_sample = aggregate_tofu(data, plan, results, reference,
+                                                es_variant=settings.extraction_strength)
         splits = data.names
     else:
         aggregates, per_sample = aggregate_muse(data, slots, results, tokenizer, reference)

@@ -66,14 +66,27 @@ def normalised_prob(true_nll: float, perturbed_nlls: Sequence[float]) -> float:
     return p_true / (p_true + sum(math.exp(-n) for n in perturbed_nlls))
 
 
-def extraction_strength(correct: Sequence[bool]) -> float:
+ES_VARIANTS = ("reference", "strict")
+
+
+def extraction_strength(correct: Sequence[bool], variant: str = "reference") -> float:
     """``ES = 1 - k/|y|`` with k the smallest offset from which the teacher-forced argmax
-    reproduces every remaining answer token (k = one past the last wrong token)."""
+    reproduces every remaining answer token (k = one past the last wrong token).
+
+    ``reference`` (OpenUnlearning's definition) searches k in ``0 .. |y|-1`` and keeps
+    ``k = |y|-1`` when no suffix matches, so ES >= 1/|y|: a wrong last token scores 1/|y|.
+    ``strict`` lets the empty suffix count (k = |y|): a wrong last token scores 0.
+    """
+    if variant not in ES_VARIANTS:
+        raise ValueError(f"unknown extraction strength variant {variant!r}; choose one of "
+                         f"{', '.join(ES_VARIANTS)}")
     n = len(correct)
     if n == 0:
         raise ValueError("no token to score")
     wrong = [i for i, ok in enumerate(correct) if not ok]
     k = wrong[-1] + 1 if wrong else 0
+    if variant == "reference":
+        k = min(k, n - 1)
     return 1.0 - k / n
 
 

@@ -115,7 +115,8 @@ def plan_tofu(data: TofuEvalData, *, max_new_tokens: int = MAX_NEW_TOKENS) -> _P
 # --------------------------------------------------------------------------- aggregate
 
 
-def _split_values(data: TofuEvalData, plan: _Plan, results: list[dict], role: str) -> dict[str, list]:
+def _split_values(data: TofuEvalData, plan: _Plan, results: list[dict], role: str,
+                  es_variant: str = "reference") -> dict[str, list]:
     records = data.splits[role]
     values: dict[str, list] = {"prob": [], "min_k": [], "loss": [], "zlib": []}
     if role != "holdout":
@@ -139,7 +140,7 @@ def _split_values(data: TofuEvalData, plan: _Plan, results: list[dict], role: st
             values["generation"].append(text)
             values["rouge"].append(metrics.rouge_l(text, record.answer, measure="recall", stem=True))
         if role == "forget":
-            values["extraction_strength"].append(metrics.extraction_strength(answer["correct"]))
+            values["extraction_strength"].append(metrics.extraction_strength(answer["correct"], es_variant))
         if "truth_ratio" in values:
             para = metrics.mean_nll(results[slot["paraphrase"]]["logprobs"])
             perturbed = [metrics.mean_nll(results[j]["logprobs"]) for j in slot["perturbed"]]
@@ -151,8 +152,9 @@ def _split_values(data: TofuEvalData, plan: _Plan, results: list[dict], role: st
 
 
 def aggregate_tofu(data: TofuEvalData, plan: _Plan, results: list[dict],
-                   reference: EvalReference | None) -> tuple[Aggregates, dict]:
-    per_sample = {role: _split_values(data, plan, results, role) for role in data.splits}
+                   reference: EvalReference | None, *,
+                   es_variant: str = "reference") -> tuple[Aggregates, dict]:
+    per_sample = {role: _split_values(data, plan, results, role, es_variant) for role in data.splits}
     agg = Aggregates()
     forget = per_sample["forget"]
     agg.set("forget_prob", mean_or_none(forget["prob"]))
