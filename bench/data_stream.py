@@ -112,7 +112,7 @@ def step_tokens_per_s(source: Path, workers: int, steps: int = 8) -> float:
                             tokenizer.pad_token_id) for records in (forget, retain)]
     model = load_model("tiny")
     objective = build_objective(cfg)
-    dual = build_dual(cfg, objective)
+    dual = build_dual(cfg, objective, steps_per_epoch=len(batches[0]))
     dual.calibrate(1.0)
     unlearner = Unlearner(model, objective, build_optimizer(model, cfg.train.lr, cfg.train.weight_decay),
                           dual=dual)

@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/step.py                       # tiny model and SmolLM2-135M
     .venv/bin/python bench/step.py --models tiny --steps 3
+    .venv/bin/python bench/step.py --models smollm2-135m --data ../shared/data/tofu \
+        --forget-split forget01 --batch-size 4 --repeats 3     # real TOFU, 4 + 4 pairs a step
 
 Each (model, method, path) runs in its own process, so peak memory is its own; with
 ``--repeats R`` each runs R times, the paths alternating, and every figure is the median.
 Batch: 8 forget + 8 retain QA pairs of the synthetic TOFU set (TOFU-like lengths,
-length-bucketed), AdamW.
+length-bucketed), AdamW; ``--data`` takes a TOFU folder instead (``--forget-split``, retain90).
 
 Memory, two figures (Linux /proc, in MiB):
 - ``peak``: the process's peak resident memory during the timed steps (VmHWM, reset after the
@@ -20,7 +22,9 @@ Paths (each adds one thing to the one before):
 - ``fused``: chunked losses from hidden states (``unlearn.fused``), never the full logits;
 - ``fused+split``: and the backward of the forget term before the retain forward
   (``train.backward_per_term``), so one batch's activations are alive at a time; the default;
-- ``fused+split+ckpt``: and activation checkpointing per decoder block.
+- ``fused+split+ckpt``: and activation checkpointing per decoder block;
+- ``fused+split+bf16``: the default path under bf16 autocast (``train.precision: bf16``), without
+  checkpointing: matmuls in bf16, fp32 weights, gradients and AdamW states.
 
 On CPU the peak resident memory also counts freed memory that glibc's heap keeps (activations
 below its mmap threshold, which grows to 32 MiB); ``MALLOC_MMAP_THRESHOLD_=1048576`` in the
@@ -54,7 +58,7 @@ import subprocess
 import sys
 import time
 
-PATHS = ("plain", "fused", "fused+split", "fused+split+ckpt")
+PATHS = ("plain", "fused", "fused+split", "fused+split+ckpt", "fused+split+bf16")
 
 
 def _status_kib(field: str) -> int:
@@ -114,13 +118,13 @@ def shard_one_rank(models: list, cuda: bool) -> None:
 
 def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
            length: int | None = None, device: str = "cpu", random_init: bool = False,
-           fsdp: bool = False) -> dict:
+           fsdp: bool = False, data: str = "synthetic", forget_split: str = "forget10") -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    from unlearn.data import generate_tofu
+    from unlearn.data import generate_tofu, load_qa
     from unlearn.dual import DualController
     from unlearn.loop import Unlearner, build_optimizer
     from unlearn.models import frozen_copy, load_tokenizer
@@ -129,9 +133,13 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(model_name)
-    splits = generate_tofu(seed=0)
+    if data == "synthetic":
+        splits = generate_tofu(seed=0)
+        forget_records, retain_records = splits[forget_split], splits["retain90"]
+    else:
+        forget_records, retain_records = load_qa(data, forget_split), load_qa(data, "retain90")
+    retain_records = retain_records[:8 * batch_size]
     pad = tokenizer.pad_token_id
-    forget_records, retain_records = splits["forget10"], splits["retain90"][:8 * batch_size]
     if length:
         forget_records = long_records(forget_records, tokenizer, length)
         retain_records = long_records(retain_records, tokenizer, length)
@@ -151,7 +159,8 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
     if fsdp:
         shard_one_rank([model] + ([ref] if ref is not None else []), cuda)
     unlearner = Unlearner(model, objective, build_optimizer(model, 1e-5, 0.0), ref_model=ref,
-                          dual=dual, fused=path != "plain", backward_per_term="split" in path)
+                          dual=dual, fused=path != "plain", backward_per_term="split" in path,
+                          precision="bf16" if path.endswith("+bf16") else "fp32")
     def on_device(batch):
         return {key: value.to(device) for key, value in batch.items()}
 
@@ -175,6 +184,7 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
     step_s = statistics.median(times)
     return {
         "model": os.path.basename(model_name.rstrip("/")), "device": device + (" fsdp2" if fsdp else ""),
+        "data": f"{os.path.basename(data.rstrip('/'))} {forget_split}",
         "method": method, "path": path, "step_s": step_s,
         "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times)),
         "peak_mib": peak_kib / 1024, "above_floor_mib": (peak_kib - floor_kib) / 1024,
@@ -184,7 +194,8 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
 
 
 def run_all(models, methods, paths, steps, batch_size, length=None, device="cpu",
-            random_init=False, fsdp=False, repeats=1) -> list[dict]:
+            random_init=False, fsdp=False, repeats=1, data="synthetic",
+            forget_split="forget10") -> list[dict]:
     """One worker process per (model, method, path, repeat); the paths of a method alternate, so a
     drift of the machine's speed touches every path alike. Each figure: the median over repeats."""
     rows = []
@@ -193,19 +204,21 @@ def run_all(models, methods, paths, steps, batch_size, length=None, device="cpu"
             runs: dict[str, list[dict]] = {}
             for _ in range(repeats):
                 for path in paths:
-                    if path.endswith("+ckpt") and method != "pdu":
+                    if path.endswith("+ckpt") and method != "pdu":  # checkpointing costs alike
                         continue
                     row = run_worker(model, method, path, steps, batch_size, length, device,
-                                     random_init, fsdp)
+                                     random_init, fsdp, data, forget_split)
                     runs.setdefault(path, []).append(row)
                     print(f"  {model:14s} {method:10s} {path:16s} {row['step_s']:.3f} s/step", flush=True)
             rows += [median_row(path_runs) for path_runs in runs.values()]
     return rows
 
 
-def run_worker(model, method, path, steps, batch_size, length, device, random_init, fsdp) -> dict:
-    cmd = [sys.executable, __file__, "--worker", model, method, path,
-           "--steps", str(steps), "--batch-size", str(batch_size), "--device", device]
+def run_worker(model, method, path, steps, batch_size, length, device, random_init, fsdp,
+               data="synthetic", forget_split="forget10") -> dict:
+    cmd = [sys.executable, __file__, "--worker", model, method, path, "--steps", str(steps),
+           "--batch-size", str(batch_size), "--device", device, "--data", data,
+           "--forget-split", forget_split]
     cmd += ["--length", str(length)] if length else []
     cmd += ["--random-init"] if random_init else []
     cmd += ["--fsdp"] if fsdp else []
@@ -234,7 +247,8 @@ def print_table(rows: list[dict]) -> None:
         base = plain.get((r["model"], r["method"]))  # ratios need the plain path among --paths
         gd = graddiff.get((r["model"], r["path"]))
         table.append([
-            r["model"], r.get("device", "cpu"), r["method"], r["path"], r.get("tokens_per_batch"),
+            r["model"], r.get("device", "cpu"), r.get("data"), r["method"], r["path"],
+            r.get("tokens_per_batch"),
             r["step_s"], r["tokens_per_s"], r["peak_mib"],
             r["above_floor_mib"],
             *((base["step_s"] / r["step_s"], r["peak_mib"] / base["peak_mib"],
@@ -242,7 +256,7 @@ def print_table(rows: list[dict]) -> None:
             r["step_s"] / gd["step_s"] if gd and r["method"] == "pdu" else None,
         ])
     print(format_table(
-        ["model", "device", "method", "path", "tokens/batch", "s/step", "tok/s", "peak MiB",
+        ["model", "device", "data", "method", "path", "tokens/batch", "s/step", "tok/s", "peak MiB",
          "above floor MiB", "speed vs plain", "peak vs plain", "above-floor vs plain", "pdu/graddiff time"],
         table))
 
@@ -262,16 +276,18 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="random weights from the model's config (same time and memory per step)")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 on one rank, as the Ray worker")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a TOFU folder (local)")
+    parser.add_argument("--forget-split", default="forget10")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "PATH"))
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, steps=args.steps, batch_size=args.batch_size,
                                 length=args.length, device=args.device, random_init=args.random_init,
-                                fsdp=args.fsdp)))
+                                fsdp=args.fsdp, data=args.data, forget_split=args.forget_split)))
         return
     rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size, args.length,
-                   args.device, args.random_init, args.fsdp, args.repeats)
+                   args.device, args.random_init, args.fsdp, args.repeats, args.data, args.forget_split)
     print()
     print_table(rows)
     if args.json:

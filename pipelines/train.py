@@ -272,7 +272,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu, frozen=True)
 
     t = cfg.train
-    dual = build_dual(cfg, objective, reduce=all_reduce_mean)
     stopper = build_stopper(cfg, pad, forget, stop_rows, target=loop_config.get("stop_auc"), rank=rank,
                             world=world, gather=all_gather_list)
 
@@ -309,6 +308,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches_per_epoch = len(pairs_for(0))
     steps_per_epoch = -(-batches_per_epoch // t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
+    dual = build_dual(cfg, objective, steps_per_epoch, reduce=all_reduce_mean)
     optimizer = build_optimizer(model, t.lr, t.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
     unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual, scheduler=scheduler,

@@ -46,3 +46,15 @@ def test_malformed_override_and_files(tmp_path):
     good.write_text("train:\n  epochs: 2\nmethod:\n  name: simnpo\n")
     cfg = load_config(good, ["train.epochs=3"])
     assert cfg.train.epochs == 3 and cfg.method.name == "simnpo"
+
+
+@pytest.mark.parametrize("name", ["tofu_tiny.yaml", "tofu_smollm2_pdu.yaml", "muse_smollm2_npo.yaml"])
+def test_the_shipped_configs_validate(name):
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / name
+    assert sorted(p.name for p in path.parent.glob("*.yaml")) == sorted(
+        ["tofu_tiny.yaml", "tofu_smollm2_pdu.yaml", "muse_smollm2_npo.yaml"]), "list every config here"
+    cfg = load_config(path)
+    if name == "tofu_smollm2_pdu.yaml":  # one warm-up and one threshold that fit any split size
+        assert cfg.dual.warmup_epochs == 1 and cfg.dual.rho is not None and cfg.dual.eps is None

@@ -44,6 +44,22 @@ def test_every_method_runs_through_the_runner_with_its_defaults(finetuned, metho
 
 
 @pytest.mark.slow
+def test_the_dual_warm_up_in_epochs_holds_lam_for_the_first_epoch_whatever_its_length(finetuned):
+    cfg, report, _ = finetuned
+    for accum in (1, 2):  # 4 and 2 steps an epoch
+        cfg = build_config({}, ["train.epochs=2", "stop.enabled=false", "eval.before=false",
+                                "dual.warmup_epochs=1", f"train.grad_accum={accum}",
+                                f"output_dir={cfg.output_dir}/warmup{accum}"])
+        history = run_unlearning(cfg, report["target"], reference=report["retain"], progress=False)["history"]
+        per_epoch = len(history) // 2
+        assert per_epoch == 4 // accum
+        assert {h["lam_next"] for h in history[:per_epoch]} == {cfg.dual.lam_0}
+        assert history[per_epoch]["lam_next"] != cfg.dual.lam_0
+    with pytest.raises(Exception, match="set warmup_steps or warmup_epochs, not both"):
+        build_config({}, ["dual.warmup_epochs=1", "dual.warmup_steps=3"])
+
+
+@pytest.mark.slow
 def test_pdu_forgets_while_retain_loss_respects_eps(finetuned):
     cfg, report, _ = finetuned
     result = run_unlearning(cfg, report["target"], reference=report["retain"], progress=False)

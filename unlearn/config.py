@@ -111,10 +111,15 @@ class DualConfig(_Strict):
     lam_max: float = Field(1e4, gt=0)
     eps: float | None = Field(None, ge=0, description="absolute retain-loss threshold")
     rho: float | None = Field(1.0, ge=-1, description="relative: eps = (1 + rho) * L_r(theta_0)")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps before the first dual update")
+    warmup_epochs: float | None = Field(None, ge=0, description="the warm-up in epochs instead (may be "
+                                        "fractional; rounded to whole steps): one setting for every "
+                                        "split size")
 
     @model_validator(mode="after")
     def _one_threshold(self) -> DualConfig:
+        if self.warmup_epochs is not None and self.warmup_steps:
+            raise ValueError("set warmup_steps or warmup_epochs, not both")
         if self.eps is not None and self.rho is not None:
             # An explicit eps wins over the default rho, so YAML can just say `eps: 0.3`.
             object.__setattr__(self, "rho", None)

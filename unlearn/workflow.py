@@ -345,12 +345,14 @@ def build_objective(cfg: Config) -> Objective:
     return get_objective(cfg.method.name, **cfg.method.params)
 
 
-def build_dual(cfg: Config, objective: Objective, reduce=None) -> DualController | None:
+def build_dual(cfg: Config, objective: Objective, steps_per_epoch: int,
+               reduce=None) -> DualController | None:
     if not objective.uses_dual:
         return None
     d = cfg.dual
+    warmup = d.warmup_steps if d.warmup_epochs is None else round(d.warmup_epochs * steps_per_epoch)
     return DualController(lam_0=d.lam_0, eta_dual=d.eta_dual, lam_max=d.lam_max, eps=d.eps,
-                          rho=d.rho, warmup_steps=d.warmup_steps, reduce=reduce)
+                          rho=d.rho, warmup_steps=warmup, reduce=reduce)
 
 
 def writes_full_model(cfg: Config) -> bool:
@@ -394,7 +396,8 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
     ref_model = None
     if objective.needs_ref:  # LoRA: the base is the model with its adapters off, no second copy
         ref_model = AdaptersOff(model) if cfg.model.lora is not None else frozen_copy(model)
-    dual = build_dual(cfg, objective)
+    steps_per_epoch = -(-len(eval_forget) // t.grad_accum)
+    dual = build_dual(cfg, objective, steps_per_epoch)
     stop_features = None if data.stop is None else encode_records(tokenizer, data.stop, max_length=max_length)
     stopper = build_stopper(cfg, pad, forget_features, stop_features,
                             reference=reference or cfg.eval.reference)
@@ -411,7 +414,6 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
                                  t.batch_size, pad)
         objective.prepare(model, retain=eval_retain, forget=eval_forget, proxy=proxy)
 
-    steps_per_epoch = -(-len(eval_forget) // t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
     optimizer = build_optimizer(model, t.lr, t.weight_decay)
     unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual,
