@@ -230,3 +230,12 @@ def test_cli_eval_writes_json_and_reuses_the_reference(finetuned, tmp_path, caps
     # bad input: a clear error and exit code 2
     assert cli.main(["eval", "--model", report["target"], "--data", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_eval_on_a_missing_cuda_device_fails_cleanly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = cli.main(["eval", "--model", "tiny", "--data", "synthetic", "--device", "cuda",
+                     "--output", str(tmp_path / "out.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no CUDA device is visible" in err and "Traceback" not in err
+    assert not (tmp_path / "out.json").exists()

@@ -116,3 +116,16 @@ def test_an_adapter_folder_whose_base_is_gone_fails_naming_the_base(tiny_dir, tm
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"need their base model .*gone.*, which cannot be loaded"):
         load_model(str(folder))
+
+
+def test_the_device_resolves_auto_to_cuda_only_when_there_is_one(monkeypatch):
+    from unlearn.models import ModelLoadError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelLoadError, match="device cuda asked for, but no CUDA device is visible"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda, got 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")

@@ -129,7 +129,7 @@ def _cmd_eval(args) -> int:
         from unlearn.eval import local_scorer
 
         def make_scorer(spec):
-            return local_scorer(spec, settings, dtype=args.dtype)
+            return local_scorer(spec, settings, dtype=args.dtype, device=args.device)
 
     def run(spec, reference=None):
         scorer, tokenizer = make_scorer(spec)
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference: OpenUnlearning's definition (default); strict: a wrong last "
                     "answer token scores 0")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="one process: auto = cuda when there is one (--ray: --gpus-per-worker)")
     ev.add_argument("--ray", action="store_true", help="score on a Ray cluster (Ray Data actor pool)")
     ev.add_argument("--workers", type=int, default=2, help="Ray actors, each loads the model once")
     ev.add_argument("--gpus-per-worker", type=float, default=0.0)

@@ -326,6 +326,9 @@ class TuneConfig(_Strict):
 class Config(_Strict):
     run_name: str = "unlearn"
     output_dir: str = "outputs"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="single-process finetuning, "
+                                                   "unlearning and evaluation: auto = cuda when "
+                                                   "there is one (the Ray pipeline: ray.use_gpu)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     # The demo's method: PDU flattening the top-5 logits (see the module docstring). A config or

@@ -27,7 +27,7 @@ def eval_settings(cfg: Config) -> EvalSettings:
 
 def evaluate_stage(spec: str, cfg: Config, reference: EvalReference | None, out: Path, name: str) -> dict:
     """Evaluate one model with the config's settings and write ``out/<name>.json``."""
-    result = evaluate_model(spec, eval_settings(cfg), reference=reference, progress=False)
+    result = evaluate_model(spec, eval_settings(cfg), reference=reference, progress=False, device=cfg.device)
     write_result(result, out / f"{name}.json")
     return result
 

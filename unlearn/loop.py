@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from unlearn import losses
 from unlearn.dual import DualController
-from unlearn.objectives import Objective, StepInputs, forward_logits
+from unlearn.objectives import Objective, StepInputs, forward_logits, on_model_device
 
 Batch = dict[str, Tensor]
 Pair = tuple[Batch, Batch | None]
@@ -92,6 +92,8 @@ class Unlearner:
         tokens = 0
         scale = 1.0 / len(micro_batches)
         for forget, retain in micro_batches:
+            forget = on_model_device(self.model, forget)
+            retain = None if retain is None else on_model_device(self.model, retain)
             inputs = StepInputs(self.model, forget, retain, self.ref_model, self.dual, self.extra,
                                 fused=self.fused, chunk_size=self.chunk_size)
             with compute_precision(self.model, self.precision):
@@ -152,8 +154,8 @@ def per_sample_nll(model: nn.Module, batches: Iterable[Batch]) -> Tensor:
     """Each sample's mean answer-token NLL, in batch order."""
     model.eval()
     values = [
-        losses.nll(forward_logits(model, batch), batch["labels"], reduction="per_sample")
-        for batch in batches
+        losses.nll(forward_logits(model, batch), batch["labels"], reduction="per_sample").cpu()
+        for batch in (on_model_device(model, b) for b in batches)
     ]
     return torch.cat(values) if values else torch.empty(0)
 
@@ -163,7 +165,7 @@ def mean_nll(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Token-weighted mean NLL over all supervised tokens of ``batches`` (the retain loss)."""
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
+    for batch in (on_model_device(model, b) for b in batches):
         n = supervised_tokens(batch)
         if n:
             total += float(losses.nll(forward_logits(model, batch), batch["labels"])) * n

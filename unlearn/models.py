@@ -431,6 +431,18 @@ class AdaptersOff(nn.Module):
         return self._lora_model.get_output_embeddings()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; ``cpu``; ``cuda``."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device cuda asked for, but no CUDA device is visible to PyTorch "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    return torch.device(name)
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen reference copy (eval mode, no grads) of ``model`` before unlearning."""
     ref = copy.deepcopy(model)

@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from unlearn.data.tokenize import IGNORE
 from unlearn.eval import metrics
-from unlearn.objectives import forward_logits
+from unlearn.objectives import forward_logits, on_model_device
 
 Batch = dict[str, torch.Tensor]
 Gather = Callable[[list], list[list]]  # this rank's list -> every rank's list, in rank order
@@ -47,6 +47,7 @@ Gather = Callable[[list], list[list]]  # this rank's list -> every rank's list, 
 @torch.no_grad()
 def min_k_scores(model: nn.Module, batch: Batch) -> list[float]:
     """Each sample's Min-k% score: the mean of its lowest 40% answer-token log-probs."""
+    batch = on_model_device(model, batch)
     logits = forward_logits(model, batch)[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE

@@ -49,6 +49,7 @@ from unlearn.models import (
     load_model,
     load_tokenizer,
     lora_state,
+    resolve_device,
     resolve_model_path,
     save_model,
     write_adapter,
@@ -190,7 +191,7 @@ def stop_target(cfg: Config, forget: list, stop: list, reference: str | None) ->
         log.warning("early stopping at AUC 0.5: %s", "no reference model given" if reference is None
                     else f"the reference {reference} is an eval JSON, not a model")
         return 0.5
-    target = ForgetHoldoutStop(forget, stop).measure(load_model(reference))
+    target = ForgetHoldoutStop(forget, stop).measure(load_model(reference, device=resolve_device(cfg.device)))
     log.info("early stopping once the forget set's Min-k AUC against %s is at most %.3f (the "
              "reference model's)", stop_split(cfg)[0], target)
     return target
@@ -260,7 +261,7 @@ def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr
     """Plain NLL training (``precision``: see ``unlearn.loop.compute_precision``); returns the
     mean loss of each epoch."""
     from unlearn import losses
-    from unlearn.objectives import forward_logits
+    from unlearn.objectives import forward_logits, on_model_device
 
     optimizer = build_optimizer(model, lr, weight_decay)
     history = []
@@ -269,6 +270,7 @@ def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr
         model.train()
         total, count = 0.0, 0
         for batch in batches_for_epoch(epoch):
+            batch = on_model_device(model, batch)
             with compute_precision(model, precision):
                 loss = losses.nll(forward_logits(model, batch), batch["labels"])
                 optimizer.zero_grad(set_to_none=True)
@@ -317,7 +319,7 @@ def run_finetune(cfg: Config, *, progress: bool = True) -> dict:
     # 30 epochs on the synthetic set).
     for role, records in training_sets.items():
         torch.manual_seed(ft.seed)
-        model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype)
+        model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, device=resolve_device(cfg.device))
         if role == "target":
             report["forget_prob"]["base"] = mean_prob(model, forget_batches)
         features = encode_records(tokenizer, records, max_length=max_length)
@@ -392,7 +394,8 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
     eval_retain = make_batches(retain_features, t.batch_size, pad)
 
     model = load_model(spec, dtype=cfg.model.dtype, lora=lora_settings(cfg),
-                       gradient_checkpointing=cfg.model.gradient_checkpointing)
+                       gradient_checkpointing=cfg.model.gradient_checkpointing,
+                       device=resolve_device(cfg.device))
     ref_model = None
     if objective.needs_ref:  # LoRA: the base is the model with its adapters off, no second copy
         ref_model = AdaptersOff(model) if cfg.model.lora is not None else frozen_copy(model)

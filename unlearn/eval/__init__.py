@@ -100,23 +100,20 @@ def evaluate(scorer, tokenizer, settings: EvalSettings, *, reference: EvalRefere
 
 
 def local_scorer(model_spec: str, settings: EvalSettings, *, dtype: str = "float32",
-                 progress: bool = True):
-    """A single-process scorer for a model spec (see ``unlearn.models.load_model``)."""
-    import torch
-
-    from unlearn.models import load_model, load_tokenizer
+                 progress: bool = True, device: str = "auto"):
+    """A single-process scorer for a model spec (see ``unlearn.models.load_model``) on ``device``
+    (``unlearn.models.resolve_device``)."""
+    from unlearn.models import load_model, load_tokenizer, resolve_device
 
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, dtype=dtype)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model = load_model(model_spec, dtype=dtype, device=resolve_device(device))
     return LocalScorer(model, tokenizer, batch_size=settings.batch_size, max_length=settings.max_length,
                        progress=progress), tokenizer
 
 
 def evaluate_model(model_spec: str, settings: EvalSettings, *, reference: EvalReference | None = None,
-                   dtype: str = "float32", progress: bool = True) -> dict:
-    scorer, tokenizer = local_scorer(model_spec, settings, dtype=dtype, progress=progress)
+                   dtype: str = "float32", progress: bool = True, device: str = "auto") -> dict:
+    scorer, tokenizer = local_scorer(model_spec, settings, dtype=dtype, progress=progress, device=device)
     return evaluate(scorer, tokenizer, settings, reference=reference, model_name=model_spec)
 
 

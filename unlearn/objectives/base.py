@@ -50,6 +50,14 @@ class ForgetForward:
     ref: HeadOutput | None
 
 
+def on_model_device(model: nn.Module, batch: Batch) -> Batch:
+    """``batch`` on the device of ``model``'s weights (batches are built on the host)."""
+    device = next(model.parameters()).device
+    if all(value.device == device for value in batch.values()):
+        return batch
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def forward_logits(model: nn.Module, batch: Batch, *, hidden: bool = False):
     """Logits ``[B,T,V]`` (and the hidden states of every layer when ``hidden``) of ``batch``."""
     out = model(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=hidden, use_cache=False)

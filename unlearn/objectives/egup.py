@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from unlearn import losses
 from unlearn.objectives import ops
-from unlearn.objectives.base import Batch, Objective, ObjectiveOutput, StepInputs, forward_logits
+from unlearn.objectives.base import (
+    Batch,
+    Objective,
+    ObjectiveOutput,
+    StepInputs,
+    forward_logits,
+    on_model_device,
+)
 from unlearn.objectives.registry import get_objective, register
 
 SumReducer = Callable[[Tensor], Tensor]
@@ -115,7 +122,7 @@ class EGUP(Objective):
         model.eval()
         if self.params["use_inter"]:
             total, count = None, 0
-            for batch in retain:
+            for batch in (on_model_device(model, b) for b in retain):
                 emb = answer_embedding(_hidden(model, batch, layer), batch["labels"]).float()
                 total = emb.sum(0) if total is None else total + emb.sum(0)
                 count += emb.shape[0]
@@ -124,7 +131,7 @@ class EGUP(Objective):
             packed = reduce_sum(torch.cat([total, total.new_tensor([count])]))
             self.state.retain_centroid = packed[:-1] / packed[-1]
         if self.params["use_intra"]:
-            for batch in forget:
+            for batch in (on_model_device(model, b) for b in forget):
                 emb = answer_embedding(_hidden(model, batch, layer), batch["labels"]).float()
                 for sample_id, row in zip(batch["sample_id"].tolist(), emb):
                     self.state.initial_embeddings[int(sample_id)] = row.clone()
@@ -132,7 +139,7 @@ class EGUP(Objective):
             if proxy is None:
                 raise ValueError("method 'egup' with use_proxy needs a proxy set (e.g. holdout)")
             nll_sum, tokens = 0.0, 0
-            for batch in proxy:
+            for batch in (on_model_device(model, b) for b in proxy):
                 logits = forward_logits(model, batch)
                 per_sample = losses.nll(logits, batch["labels"], reduction="per_sample")
                 nll_sum += float(per_sample.sum())
