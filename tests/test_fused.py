@@ -146,3 +146,21 @@ def test_errors():
         fused.fused_nll(hidden, weight, labels, reduction="sum")
     zero = fused.fused_palu_local(hidden, weight, labels, onset * 0, ref_hidden, ref_weight, 3)
     assert float(zero) == 0.0
+
+
+def test_finetuning_with_the_fused_nll_follows_the_plain_one():
+    from unlearn.models import load_model
+    from unlearn.workflow import finetune
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (4, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt: no loss there
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    histories = {}
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        histories[chunked] = finetune(load_model("tiny"), lambda epoch: [batch], epochs=5, lr=3e-3,
+                                      fused=chunked, progress=False)
+    assert histories[True][-1] < histories[True][0]
+    assert histories[True] == pytest.approx(histories[False], rel=1e-5)

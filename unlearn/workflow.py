@@ -256,12 +256,12 @@ def make_batches(features: list[dict], batch_size: int, pad_token_id: int, *,
 
 
 def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr: float,
-             weight_decay: float = 0.0, precision: str = "fp32", desc: str = "finetune",
-             progress: bool = True) -> list[float]:
-    """Plain NLL training (``precision``: see ``unlearn.loop.compute_precision``); returns the
-    mean loss of each epoch."""
-    from unlearn import losses
-    from unlearn.objectives import forward_logits, on_model_device
+             weight_decay: float = 0.0, precision: str = "fp32", fused: bool = True,
+             desc: str = "finetune", progress: bool = True) -> list[float]:
+    """NLL training (``precision``: see ``unlearn.loop.compute_precision``; ``fused``: the chunked
+    NLL from hidden states, never the full logits); returns the mean loss of each epoch."""
+    from unlearn.objectives import on_model_device, ops
+    from unlearn.objectives.base import forward_output
 
     optimizer = build_optimizer(model, lr, weight_decay)
     history = []
@@ -272,7 +272,7 @@ def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr
         for batch in batches_for_epoch(epoch):
             batch = on_model_device(model, batch)
             with compute_precision(model, precision):
-                loss = losses.nll(forward_logits(model, batch), batch["labels"])
+                loss = ops.nll(forward_output(model, batch, fused=fused), batch["labels"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -328,6 +328,7 @@ def run_finetune(cfg: Config, *, progress: bool = True) -> dict:
             lambda epoch, features=features: make_batches(
                 features, ft.batch_size, tokenizer.pad_token_id, shuffle=True, seed=ft.seed + epoch),
             epochs=ft.epochs, lr=ft.lr, weight_decay=ft.weight_decay, precision=ft.precision,
+            fused=ft.fused_losses,
             desc=f"finetune {role}", progress=progress,
         )
         report["forget_prob"][role] = mean_prob(model, forget_batches)
