@@ -256,7 +256,7 @@ def make_batches(features: list[dict], batch_size: int, pad_token_id: int, *,
 
 
 def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr: float,
-             weight_decay: float = 0.0, precision: str = "fp32", fused: bool = True,
+             weight_decay: float = 0.0, precision: str = "fp32", fused: bool = False,
              desc: str = "finetune", progress: bool = True) -> list[float]:
     """NLL training (``precision``: see ``unlearn.loop.compute_precision``; ``fused``: the chunked
     NLL from hidden states, never the full logits); returns the mean loss of each epoch."""
