@@ -22,6 +22,7 @@ from pathlib import Path
 
 from unlearn.config import Config, ConfigError
 from unlearn.data import DataError
+from unlearn.gate import format_gate
 from unlearn.models import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,13 @@ def driver_paths(cfg: Config, model: str | None, reference: str | None) -> tuple
     from unlearn.paths import absolute_model
 
     cfg = resolve_paths(cfg)
-    return cfg, absolute_model(model) or cfg.model.name_or_path, absolute_model(reference)
+    reference = absolute_model(reference)
+    if cfg.gate.rules is None:
+        cfg = cfg.with_gate_rules(reference)
+        without = reference is None and cfg.eval.reference is None
+        log.info("gate: the %s profile%s", "holdout" if without and cfg.data.benchmark == "tofu"
+                 else "retain_model", " (no retain model given)" if without else "")
+    return cfg, absolute_model(model) or cfg.model.name_or_path, reference
 
 
 def reference_for(cfg: Config, reference: str | None, out: Path):
@@ -503,12 +510,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         print()
         print(compare_table(columns, keys))
     if gate is not None:
-        print(f"\ngate: {'PASSED' if gate['passed'] else 'FAILED'}")
-        for v in gate["verdicts"]:
-            value = "n/a" if v["value"] is None else f"{v['value']:.4g}"
-            mark = "pass" if v["passed"] else "FAIL"
-            print(f"  [{mark}] {v['rule']}  (value {value}, needs {v['threshold']})"
-                  + (f": {v['reason']}" if v["reason"] else ""))
+        print("\n" + format_gate(gate))
         print(f"registered: {cfg.registry.model_name} version {version} (alias challenger)" if version
               else "not registered")
     if stop is not None:

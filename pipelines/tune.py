@@ -52,7 +52,7 @@ def check_space(cfg: Config) -> None:
 
 def utility_floor(cfg: Config, before: dict | None) -> float | None:
     """The gate's lower bound on model utility (None when the gate has no such rule)."""
-    for rule in parse_rules(cfg.gate.rules):
+    for rule in parse_rules(cfg.gate_rules()):
         if rule.metric == "model_utility" and rule.op in (">=", ">"):
             if rule.value is not None:
                 return rule.value

@@ -18,7 +18,7 @@ from unlearn.eval.scoring import (
     request_from_json,
     request_to_json,
 )
-from unlearn.eval.tofu import load_tofu_eval_data
+from unlearn.eval.tofu import HOLDOUT_METRICS, load_tofu_eval_data
 from unlearn.models import load_model, load_tokenizer
 
 TOFU_KEYS = {"forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
@@ -140,10 +140,24 @@ def test_absent_splits_make_their_metrics_unavailable_with_a_reason(tiny, tmp_pa
     result = evaluate(LocalScorer(model, tokenizer), tokenizer, settings)
     agg, why = result["aggregates"], result["unavailable"]
     assert agg["forget_prob"] is not None and agg["forget_rouge"] is not None
-    for key in ("forget_quality", "forget_truth_ratio", "privleak", "model_utility"):
+    for key in ("forget_quality", "forget_truth_ratio", "privleak", "model_utility", *HOLDOUT_METRICS):
         assert agg[key] is None and why[key]
     assert "forget10_perturbed" in why["forget_truth_ratio"]
     assert "real_authors_perturbed" in why["model_utility"]
+
+
+def test_holdout_metrics_come_from_the_holdout_samples(tiny, tofu_dir):
+    model, tokenizer = tiny
+    settings = EvalSettings(data=str(tofu_dir), max_new_tokens=6)
+    result = evaluate(LocalScorer(model, tokenizer), tokenizer, settings)
+    agg, samples = result["aggregates"], result["per_sample"]
+    forget, holdout = samples["forget"], samples["holdout"]
+    assert len(holdout["generation"]) == len(holdout["rouge"]) == len(holdout["prob"]) == len(
+        load_tofu_eval_data(str(tofu_dir), "forget10").splits["holdout"])
+    assert agg["holdout_prob"] == pytest.approx(np.mean(holdout["prob"]))
+    assert agg["holdout_rouge"] == pytest.approx(np.mean(holdout["rouge"]))
+    assert agg["mia_min_k_pvalue"] == pytest.approx(metrics.mia_pvalue(forget["min_k"], holdout["min_k"]))
+    assert agg["mia_min_k_auc"] == pytest.approx(metrics.mia_auc(forget["min_k"], holdout["min_k"]))
 
 
 def test_extraction_strength_follows_the_chosen_definition(tiny, tofu_dir):

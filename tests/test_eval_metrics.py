@@ -1,6 +1,9 @@
 """Evaluation metrics on small constructed inputs, against values computed by hand."""
 
+import collections
+import itertools
 import math
+import random
 
 import pytest
 
@@ -100,6 +103,59 @@ def test_auc_orientation_members_scoring_higher_give_auc_one():
     assert metrics.mia_auc([-1.0, -3.0], [-2.0, -4.0]) == pytest.approx(0.75)
     with pytest.raises(ValueError):
         metrics.mia_auc([], [1.0])
+
+
+def _u_statistic(members, nonmembers):
+    return sum((m > n) + 0.5 * (m == n) for m in members for n in nonmembers)
+
+
+def _exact_two_sided_p(members, nonmembers):
+    """Naive permutation test: every split of the pooled scores into groups of the same sizes."""
+    pooled, k = list(members) + list(nonmembers), len(members)
+    centre = k * len(nonmembers) / 2
+    observed = abs(_u_statistic(members, nonmembers) - centre)
+    splits = list(itertools.combinations(range(len(pooled)), k))
+    extreme = 0
+    for chosen in splits:
+        group = [pooled[i] for i in chosen]
+        rest = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        extreme += abs(_u_statistic(group, rest) - centre) >= observed - 1e-12
+    return extreme / len(splits)
+
+
+def _normal_two_sided_p(members, nonmembers):
+    """The normal approximation written out: tie-corrected variance, continuity correction 0.5."""
+    n1, n2 = len(members), len(nonmembers)
+    n = n1 + n2
+    counts = collections.Counter(list(members) + list(nonmembers)).values()
+    variance = n1 * n2 / 12 * ((n + 1) - sum(t ** 3 - t for t in counts) / (n * (n - 1)))
+    z = (abs(_u_statistic(members, nonmembers) - n1 * n2 / 2) - 0.5) / math.sqrt(variance)
+    return min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2)))
+
+
+def test_mia_p_value_matches_the_permutation_test_on_small_sets_and_the_normal_one_on_larger():
+    rng = random.Random(0)
+    for _ in range(30):  # small, no ties: exact
+        n1, n2 = rng.randint(1, 6), rng.randint(1, 6)
+        values = rng.sample(range(100), n1 + n2)
+        members, nonmembers = values[:n1], values[n1:]
+        expected = _exact_two_sided_p(members, nonmembers)
+        assert metrics.mia_pvalue(members, nonmembers) == pytest.approx(expected)
+    for _ in range(30):  # 40 vs 40 as forget01/holdout01, with ties: normal approximation
+        members = [rng.randint(0, 30) + rng.choice([0, 5]) for _ in range(40)]
+        nonmembers = [rng.randint(0, 30) for _ in range(40)]
+        expected = _normal_two_sided_p(members, nonmembers)
+        assert metrics.mia_pvalue(members, nonmembers) == pytest.approx(expected, rel=1e-9)
+        auc = metrics.mia_auc(members, nonmembers)
+        assert auc == pytest.approx(_u_statistic(members, nonmembers) / 1600)
+
+
+def test_mia_p_value_is_two_sided_and_symmetric():
+    high, low = [-1.0, -0.5, -0.7, -0.2, -0.9], [-3.0, -2.0, -2.5, -4.0, -3.5]
+    assert metrics.mia_pvalue(high, low) == metrics.mia_pvalue(low, high) < 0.05  # AUC 1 and AUC 0 alike
+    assert metrics.mia_pvalue([-1.0, -2.0, -3.0], [-1.5, -2.5]) > 0.5
+    with pytest.raises(ValueError, match="at least one member and one non-member"):
+        metrics.mia_pvalue([-1.0], [])
 
 
 def test_privleak_by_hand_and_sign():

@@ -9,6 +9,7 @@
     unlearn tune CONFIG [k=v ...]           Ray Tune search; the best trial is gated and registered
     unlearn promote NAME [VERSION]          alias champion -> a gated version that does not regress
     unlearn serve NAME                      HTTP endpoint for the champion (gated versions only)
+    unlearn gate EVAL.json [--before B]     judge an evaluation by the gate's rules
     unlearn synth {tofu,muse} --out DIR     write the seeded synthetic data set
     unlearn convert-gguf FILE [--out DIR]   one-time GGUF -> safetensors folder
 """
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from unlearn.config import ConfigError, load_config
+from unlearn.gate import format_gate
 from unlearn.paths import URI_SCHEMES, absolute_model, absolute_source, absolute_tracking_uri
 
 
@@ -216,6 +218,35 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _read_eval(path: str, role: str) -> dict:
+    from unlearn.data import DataError
+
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{role} {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("aggregates"), dict):
+        raise DataError(f"{role} {path}: not an evaluation JSON (no 'aggregates')")
+    return result
+
+
+def _cmd_gate(args) -> int:
+    from unlearn.gate import GateError, PROFILES, judge
+
+    after = _read_eval(args.evaluation, "evaluation")
+    before = _read_eval(args.before, "--before")["aggregates"] if args.before else None
+    profile = args.profile or ("holdout" if after.get("reference") is None else "retain_model")
+    rules = args.rule or list(PROFILES[profile])
+    try:
+        gate = judge(rules, after["aggregates"], before, after.get("unavailable"))
+    except GateError as exc:
+        raise ConfigError(str(exc)) from None
+    source = "--rule" if args.rule else f"the {profile} profile"
+    print(f"{args.evaluation} against {source}" + (f", base {args.before}" if args.before else ""))
+    print(format_gate(gate.to_dict()))
+    return 0 if gate.passed else 1
+
+
 def _cmd_synth(args) -> int:
     from unlearn.data import generate_muse, generate_tofu, write_muse, write_tofu
 
@@ -317,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     srv.set_defaults(func=_cmd_serve)
+
+    gate_cmd = sub.add_parser("gate", help="judge an evaluation JSON by the gate's rules (exit 1: failed)")
+    gate_cmd.add_argument("evaluation", help="the candidate's eval JSON (unlearn eval)")
+    gate_cmd.add_argument("--before", default=None, help="eval JSON of the model before unlearning "
+                          "(base.* in the rules)")
+    gate_cmd.add_argument("--profile", choices=["retain_model", "holdout"], default=None,
+                          help="default: retain_model if the evaluation had a reference, else holdout")
+    gate_cmd.add_argument("--rule", action="append", default=None,
+                          help="a rule instead of the profile's (repeatable)")
+    gate_cmd.set_defaults(func=_cmd_gate)
 
     synth = sub.add_parser("synth", help="write the seeded synthetic data set")
     synth.add_argument("benchmark", choices=["tofu", "muse"])

@@ -229,8 +229,11 @@ class MlflowConfig(_Strict):
 class GateConfig(_Strict):
     """Rules over the evaluation's aggregates (see ``unlearn.gate``); all must pass to register."""
 
-    rules: list[str] = ["forget_quality >= 0.05", "model_utility >= 0.95 * base.model_utility",
-                        "privleak within [-25, 25]"]
+    profile: Literal["auto", "retain_model", "holdout"] = Field(
+        "auto", description="the default rules: retain_model (TOFU: forget quality, privleak; needs "
+        "eval.reference), holdout (no retain model: the forget set against never-seen records); auto: "
+        "retain_model when a reference is given, else holdout (TOFU-format data; MUSE: retain_model)")
+    rules: list[str] | None = Field(None, description="explicit rules instead of the profile's")
     recheck_earlier: bool = Field(True, description="when the base is a registered version, re-evaluate "
                                   "every forget set in its lineage; each must stay forgotten")
     forget_prob_tolerance: float = Field(0.02, ge=0, le=1, description="an earlier forget set's forget "
@@ -243,11 +246,24 @@ class GateConfig(_Strict):
 
         return Tolerance(forget_prob=self.forget_prob_tolerance, forget_quality=self.forget_quality_tolerance)
 
+    def rules_for(self, benchmark: str, reference: str | None) -> list[str]:
+        """The rules a run is judged by: ``rules``, else its profile's (``auto`` resolved)."""
+        from unlearn.gate import PROFILES
+
+        if self.rules is not None:
+            return list(self.rules)
+        profile = self.profile
+        if profile == "auto":
+            profile = "retain_model" if reference is not None or benchmark == "muse" else "holdout"
+        return list(PROFILES[profile])
+
     @field_validator("rules")
     @classmethod
-    def _parse(cls, rules: list[str]) -> list[str]:
+    def _parse(cls, rules: list[str] | None) -> list[str] | None:
         from unlearn.gate import parse_rules
 
+        if rules is None:
+            return None
         if not rules:
             raise ValueError("a gate needs at least one rule")
         parse_rules(rules)  # GateError (a ValueError) names the bad rule
@@ -347,6 +363,22 @@ class Config(_Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _holdout_gate_needs_qa_data(self) -> Config:
+        if self.gate.profile == "holdout" and self.gate.rules is None and self.data.benchmark == "muse":
+            raise ValueError("gate.profile: holdout compares TOFU-format QA metrics (forget vs "
+                             "holdout Prob, ROUGE); for MUSE give gate.rules")
+        return self
+
+    def gate_rules(self, reference: str | None = None) -> list[str]:
+        """The gate's rules for a run whose reference is ``reference`` (else ``eval.reference``)."""
+        return self.gate.rules_for(self.data.benchmark, reference or self.eval.reference)
+
+    def with_gate_rules(self, reference: str | None = None) -> Config:
+        """This config with ``gate.rules`` pinned to :meth:`gate_rules` (what a run logs and is judged by)."""
+        gate = self.gate.model_copy(update={"rules": self.gate_rules(reference)})
+        return self.model_copy(update={"gate": gate})
 
 
 def resolve_paths(cfg: Config, base: str | Path | None = None) -> Config:

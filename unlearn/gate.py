@@ -5,10 +5,15 @@ A rule is one line over the evaluation's aggregates (``unlearn.eval`` keys)::
     forget_quality >= 0.05
     model_utility >= 0.95 * base.model_utility     # base = the model before unlearning
     privleak within [-25, 25]
+    forget_prob <= 1.5 * holdout_prob                # another metric of the same evaluation
 
-Operators: ``>=``, ``>``, ``<=``, ``<``, ``within [lo, hi]``. The right side is a number, or
-``FACTOR * base.METRIC``. Every rule is evaluated; a metric that could not be computed (``null``)
-fails its rule, with the reason.
+Operators: ``>=``, ``>``, ``<=``, ``<``, ``within [lo, hi]``. The right side is a number,
+``[FACTOR *] base.METRIC`` or ``[FACTOR *] METRIC``. Every rule is evaluated; a metric that could
+not be computed (``null``) fails its rule, with the reason.
+
+Two profiles (``gate.profile``): ``retain_model`` (:data:`RETAIN_MODEL_RULES`, TOFU's forget
+quality and privleak, which need a retain model) and ``holdout`` (:data:`HOLDOUT_RULES`, for
+deployments that have no retain model: the forget set must look like never-seen data).
 """
 
 from __future__ import annotations
@@ -18,15 +23,28 @@ import re
 from dataclasses import asdict, dataclass
 
 from unlearn.eval.report import MUSE_HEADLINE, TOFU_HEADLINE
+from unlearn.eval.tofu import HOLDOUT_METRICS
 
 UTILITY_PARTS = tuple(f"{split}_{part}" for split in ("retain", "real_authors", "world_facts")
                       for part in ("prob", "rouge", "truth_ratio"))
-KNOWN_METRICS = frozenset(TOFU_HEADLINE + MUSE_HEADLINE + UTILITY_PARTS +
-                          ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc"))
+KNOWN_METRICS = frozenset(TOFU_HEADLINE + MUSE_HEADLINE + UTILITY_PARTS + HOLDOUT_METRICS)
+
+#: The gate when a retain model (or its evaluation) is the reference: TOFU's protocol.
+RETAIN_MODEL_RULES = ("forget_quality >= 0.05", "model_utility >= 0.95 * base.model_utility",
+                      "privleak within [-25, 25]")
+#: The gate without a retain model (TOFU-format data with a holdout of never-seen records): the
+#: Min-k attack cannot tell forget from holdout at the 5% level, in either direction (a forget set
+#: pushed below never-seen data fails too); the forget set's Prob and ROUGE are at most 1.5x the
+#: holdout's (the margin a model that never saw either set stays within on real TOFU, README); and
+#: utility against the model before.
+HOLDOUT_RULES = ("mia_min_k_pvalue >= 0.05", "forget_prob <= 1.5 * holdout_prob",
+                 "forget_rouge <= 1.5 * holdout_rouge", "model_utility >= 0.95 * base.model_utility")
+PROFILES = {"retain_model": RETAIN_MODEL_RULES, "holdout": HOLDOUT_RULES}
 OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_COMPARE = re.compile(
-    rf"^\s*(\w+)\s*(>=|<=|>|<)\s*(?:({_NUMBER})\s*\*\s*base\.(\w+)|base\.(\w+)|({_NUMBER}))\s*$")
+_NAME = r"[A-Za-z_]\w*"
+_COMPARE = re.compile(rf"^\s*(\w+)\s*(>=|<=|>|<)\s*"
+                      rf"(?:({_NUMBER})|(?:({_NUMBER})\s*\*\s*)?(base\.)?({_NAME}))\s*$")
 _WITHIN = re.compile(rf"^\s*(\w+)\s+within\s*\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]\s*$")
 
 
@@ -40,8 +58,9 @@ class Rule:
     metric: str
     op: str  # one of OPERATORS or "within"
     value: float | None = None  # constant threshold
-    factor: float | None = None  # threshold = factor * base[base_metric]
+    factor: float | None = None  # threshold = factor * base[base_metric] or factor * metrics[peer_metric]
     base_metric: str | None = None
+    peer_metric: str | None = None
     low: float | None = None
     high: float | None = None
 
@@ -58,16 +77,16 @@ def parse_rule(text: str) -> Rule:
             raise GateError(f"gate rule {text!r}: empty range [{low}, {high}]")
         rule = Rule(text.strip(), metric, "within", low=low, high=high)
     elif match := _COMPARE.match(text):
-        metric, op, factor, base_metric, bare_base, number = match.groups()
+        metric, op, number, factor, of_base, other = match.groups()
         if number is not None:
             rule = Rule(text.strip(), metric, op, value=float(number))
         else:
             rule = Rule(text.strip(), metric, op, factor=float(factor) if factor else 1.0,
-                        base_metric=base_metric or bare_base)
+                        base_metric=other if of_base else None, peer_metric=None if of_base else other)
     else:
         raise GateError(f"gate rule {text!r} is not 'METRIC OP NUMBER', 'METRIC OP [FACTOR *] "
-                        "base.METRIC' or 'METRIC within [LO, HI]'")
-    for name in filter(None, (rule.metric, rule.base_metric)):
+                        "[base.]METRIC' or 'METRIC within [LO, HI]'")
+    for name in filter(None, (rule.metric, rule.base_metric, rule.peer_metric)):
         if name not in KNOWN_METRICS:
             raise GateError(f"gate rule {text!r}: unknown metric {name!r} (known: "
                             f"{', '.join(sorted(KNOWN_METRICS))})")
@@ -91,25 +110,31 @@ class Verdict:
 def check_rule(rule: Rule, metrics: dict, base: dict | None = None,
                reasons: dict | None = None) -> Verdict:
     value = metrics.get(rule.metric)
+    limit = rule.value
     if rule.op == "within":
         threshold = f"[{rule.low:g}, {rule.high:g}]"
     elif rule.value is not None:
         threshold = f"{rule.op} {rule.value:g}"
-    else:
+    elif rule.base_metric is not None:
         base_value = (base or {}).get(rule.base_metric)
         if base_value is None:
             return Verdict(rule.text, rule.metric, value,
                            f"{rule.op} {rule.factor:g} * base.{rule.base_metric}", False,
                            f"base.{rule.base_metric} is not available (no evaluation before unlearning)")
-        threshold = f"{rule.op} {rule.factor * base_value:.6g}"
+        limit = rule.factor * base_value
+        threshold = f"{rule.op} {limit:.6g}"
+    else:
+        peer_value = metrics.get(rule.peer_metric)
+        if peer_value is None:
+            why = (reasons or {}).get(rule.peer_metric, "not computed")
+            return Verdict(rule.text, rule.metric, value, f"{rule.op} {rule.factor:g} * {rule.peer_metric}",
+                           False, f"{rule.peer_metric} is unavailable: {why}")
+        limit = rule.factor * peer_value
+        threshold = f"{rule.op} {limit:.6g}"
     if value is None:
         why = (reasons or {}).get(rule.metric, "not computed")
         return Verdict(rule.text, rule.metric, None, threshold, False, f"{rule.metric} is unavailable: {why}")
-    if rule.op == "within":
-        passed = rule.low <= value <= rule.high
-    else:
-        limit = rule.value if rule.value is not None else rule.factor * base[rule.base_metric]
-        passed = OPERATORS[rule.op](value, limit)
+    passed = rule.low <= value <= rule.high if rule.op == "within" else OPERATORS[rule.op](value, limit)
     return Verdict(rule.text, rule.metric, float(value), threshold, bool(passed))
 
 
@@ -132,6 +157,17 @@ def evaluate_gate(rules: list[Rule], metrics: dict, base: dict | None = None,
         raise GateError("a gate needs at least one rule")
     verdicts = [check_rule(rule, metrics, base, reasons) for rule in rules]
     return GateResult(all(v.passed for v in verdicts), verdicts)
+
+
+def format_gate(gate: dict) -> str:
+    """A verdict's lines (``GateResult.to_dict()``), as ``unlearn run`` and ``unlearn gate`` print it."""
+    lines = [f"gate: {'PASSED' if gate['passed'] else 'FAILED'}"]
+    for v in gate["verdicts"]:
+        value = "n/a" if v["value"] is None else f"{v['value']:.4g}"
+        mark = "pass" if v["passed"] else "FAIL"
+        lines.append(f"  [{mark}] {v['rule']}  (value {value}, needs {v['threshold']})"
+                     + (f": {v['reason']}" if v["reason"] else ""))
+    return "\n".join(lines)
 
 
 def regressions(rules: list[Rule], candidate: dict, champion: dict) -> list[str]:

@@ -122,6 +122,16 @@ def mia_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -
     return float(roc_auc_score(labels, list(member_scores) + list(nonmember_scores)))
 
 
+def mia_pvalue(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
+    """Two-sided p-value of the Mann-Whitney U test (whose ``U / (n_m n_n)`` is the AUC above)
+    that members and non-members score alike: low when the attack tells them apart in either
+    direction (still known, or pushed below never-seen data). Exact for small sets without
+    ties, else the normal approximation with continuity correction (``scipy.stats``)."""
+    if not len(member_scores) or not len(nonmember_scores):
+        raise ValueError("a membership test needs at least one member and one non-member")
+    return float(stats.mannwhitneyu(member_scores, nonmember_scores, alternative="two-sided").pvalue)
+
+
 def privleak(auc: float, reference_auc: float) -> float:
     """``(AUC - AUC_ref) / AUC_ref * 100``: ~0 ideal, > 0 still leaks, < 0 over-unlearned."""
     if reference_auc <= 0:

@@ -112,7 +112,7 @@ def aggregate_muse(data: MuseEvalData, slots: dict[str, list[int]], results: lis
     if data.verbmem is None:
         agg.unavailable("verbmem_f", data.missing["verbmem_f"])
     if len(data.privleak) < 2:
-        for key in ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc", "privleak"):
+        for key in ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc", "mia_min_k_pvalue", "privleak"):
             agg.unavailable(key, data.missing["privleak"])
         return agg, per_sample
     for part, texts in data.privleak.items():
@@ -125,5 +125,7 @@ def aggregate_muse(data: MuseEvalData, slots: dict[str, list[int]], results: lis
     for score in ("min_k", "loss", "zlib"):
         agg.set(f"mia_{score}_auc", metrics.mia_auc(per_sample["privleak_forget"][score],
                                                     per_sample["privleak_holdout"][score]))
+    agg.set("mia_min_k_pvalue", metrics.mia_pvalue(per_sample["privleak_forget"]["min_k"],
+                                                   per_sample["privleak_holdout"]["min_k"]))
     privleak_from_reference(agg, reference)
     return agg, per_sample

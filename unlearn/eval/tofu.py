@@ -5,7 +5,9 @@ Splits read from the data source for ``forget_split = forgetXX``:
 - ``forgetXX_perturbed`` (question, answer, paraphrased_answer, perturbed_answer): Prob, ROUGE-L
   recall, truth ratio, extraction strength, MIA scores. Without that split the plain
   ``forgetXX`` is scored and the truth-ratio metrics are reported unavailable.
-- ``holdoutXX``: the non-members of the membership-inference attacks (privleak).
+- ``holdoutXX``: never-seen authors: the non-members of the membership-inference attacks
+  (privleak, the forget-vs-holdout AUC and its p-value), and the Prob and ROUGE that a model
+  gives data it never saw (the gate without a retain model compares the forget set's with them).
 - ``retain_perturbed``, ``real_authors_perturbed``, ``world_facts_perturbed``: model utility.
 """
 
@@ -23,6 +25,10 @@ TRUTH_FIELDS = ("paraphrased_answer", "perturbed_answer")
 UTILITY_SPLITS = {"retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
                   "world_facts": "world_facts_perturbed"}
 MAX_NEW_TOKENS = 200
+#: What the holdout split gives (None without one): every membership attack's AUC, the Min-k
+#: attack's two-sided p-value, and the Prob and ROUGE of never-seen answers.
+HOLDOUT_METRICS = ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc", "mia_min_k_pvalue",
+                   "holdout_prob", "holdout_rouge")
 
 
 @dataclass
@@ -94,11 +100,9 @@ class _Plan:
 def plan_tofu(data: TofuEvalData, *, max_new_tokens: int = MAX_NEW_TOKENS) -> _Plan:
     plan = _Plan()
     for role, records in data.splits.items():
-        generate = role != "holdout"
         for i, record in enumerate(records):
-            slot = {"answer": plan.add(Likelihood(record.answer, record.question))}
-            if generate:
-                slot["generation"] = plan.add(Generation(record.question, max_new_tokens=max_new_tokens))
+            slot = {"answer": plan.add(Likelihood(record.answer, record.question)),
+                    "generation": plan.add(Generation(record.question, max_new_tokens=max_new_tokens))}
             if data.truth_ratio.get(role):
                 para = record.paraphrased_answer or record.answer
                 slot["paraphrase"] = (slot["answer"] if para == record.answer
@@ -118,9 +122,8 @@ def plan_tofu(data: TofuEvalData, *, max_new_tokens: int = MAX_NEW_TOKENS) -> _P
 def _split_values(data: TofuEvalData, plan: _Plan, results: list[dict], role: str,
                   es_variant: str = "reference") -> dict[str, list]:
     records = data.splits[role]
-    values: dict[str, list] = {"prob": [], "min_k": [], "loss": [], "zlib": []}
-    if role != "holdout":
-        values.update(rouge=[], generation=[])
+    values: dict[str, list] = {"prob": [], "min_k": [], "loss": [], "zlib": [], "rouge": [],
+                               "generation": []}
     if role == "forget":
         values["extraction_strength"] = []
     if data.truth_ratio.get(role):
@@ -135,10 +138,9 @@ def _split_values(data: TofuEvalData, plan: _Plan, results: list[dict], role: st
         values["min_k"].append(metrics.min_k_score(logprobs))
         values["loss"].append(metrics.loss_score(logprobs))
         values["zlib"].append(metrics.zlib_score(logprobs, record.answer))
-        if "generation" in slot:
-            text = results[slot["generation"]]["text"]
-            values["generation"].append(text)
-            values["rouge"].append(metrics.rouge_l(text, record.answer, measure="recall", stem=True))
+        text = results[slot["generation"]]["text"]
+        values["generation"].append(text)
+        values["rouge"].append(metrics.rouge_l(text, record.answer, measure="recall", stem=True))
         if role == "forget":
             values["extraction_strength"].append(metrics.extraction_strength(answer["correct"], es_variant))
         if "truth_ratio" in values:
@@ -182,12 +184,15 @@ def aggregate_tofu(data: TofuEvalData, plan: _Plan, results: list[dict],
 def _mia(agg: Aggregates, per_sample: dict, data: TofuEvalData, reference: EvalReference | None) -> None:
     if "holdout" not in per_sample:
         reason = f"no holdout split: {data.missing.get('holdout', 'not read')}"
-        for key in ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc", "privleak"):
+        for key in HOLDOUT_METRICS + ("privleak",):
             agg.unavailable(key, reason)
         return
+    forget, holdout = per_sample["forget"], per_sample["holdout"]
     for score in ("min_k", "loss", "zlib"):
-        auc = metrics.mia_auc(per_sample["forget"][score], per_sample["holdout"][score])
-        agg.set(f"mia_{score}_auc", auc)
+        agg.set(f"mia_{score}_auc", metrics.mia_auc(forget[score], holdout[score]))
+    agg.set("mia_min_k_pvalue", metrics.mia_pvalue(forget["min_k"], holdout["min_k"]))
+    agg.set("holdout_prob", mean_or_none(holdout["prob"]))
+    agg.set("holdout_rouge", mean_or_none(holdout["rouge"]))
     privleak_from_reference(agg, reference)
 
 
