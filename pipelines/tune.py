@@ -50,6 +50,18 @@ def check_space(cfg: Config) -> None:
         build_config(base, [f"{k}={json.dumps(v)}" for k, v in corner.items()])
 
 
+def check_ranking(cfg: Config, reference: str | None) -> None:
+    """Without a retain model, forget quality and privleak are unavailable: trials cannot be ranked
+    by them (every trial would tie), so the search needs another tune.metric."""
+    from pipelines.run import PipelineError
+
+    metric = cfg.tune.metric or OBJECTIVES[0]
+    if reference is None and cfg.eval.reference is None and metric in ("forget_quality", "privleak"):
+        raise PipelineError(f"tune ranks trials by {metric}, which needs a retain model (--reference or "
+                            "eval.reference); without one, set tune.metric to what the holdout gate "
+                            "reads, e.g. tune.metric=mia_min_k_pvalue tune.mode=max")
+
+
 def utility_floor(cfg: Config, before: dict | None) -> float | None:
     """The gate's lower bound on model utility (None when the gate has no such rule)."""
     for rule in parse_rules(cfg.gate_rules()):
@@ -273,6 +285,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         raise ValueError("tune.search_space is empty: name at least one parameter to search")
     check_space(cfg)
     cfg, spec, reference = driver_paths(cfg, model, reference)
+    check_ranking(cfg, reference)
     out = Path(cfg.output_dir)
     objective = build_objective(cfg)
     data = read_inputs(cfg, objective)

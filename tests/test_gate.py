@@ -136,3 +136,22 @@ def test_a_run_pins_its_profile_s_rules_before_anything_is_handed_to_ray(tmp_pat
     assert cfg.gate.rules == list(RETAIN_MODEL_RULES) and reference == str(tmp_path / "retain")
     explicit = build_config({}, ['gate.rules=["forget_prob <= 0.5"]'])
     assert driver_paths(explicit, "tiny", None)[0].gate.rules == ["forget_prob <= 0.5"]
+
+
+@pytest.mark.parametrize("overrides, reference, refused", [
+    ([], None, True),
+    (["tune.metric=privleak", "tune.mode=min"], None, True),
+    (["tune.metric=mia_min_k_pvalue"], None, False),
+    ([], "outputs/retain", False),
+    (["eval.reference=retain.json"], None, False),
+])
+def test_tune_without_a_retain_model_must_rank_trials_by_an_available_metric(overrides, reference, refused):
+    from pipelines.run import PipelineError
+    from pipelines.tune import check_ranking
+
+    cfg = build_config({}, overrides)
+    if refused:
+        with pytest.raises(PipelineError, match="tune.metric=mia_min_k_pvalue"):
+            check_ranking(cfg, reference)
+    else:
+        check_ranking(cfg, reference)
