@@ -8,8 +8,9 @@ with their perturbed rows as ``retain_perturbed``, and the general-knowledge spl
 ``full`` is left out, so ``unlearn finetune`` trains the target on forget + retain. Trade-offs:
 model utility's retain part is measured on retain authors the models trained on (as TOFU's
 ``retain_perturbed`` is), but on fewer of them; ``--utility-rows N`` keeps the first N rows of each
-utility split (retain, real authors, world facts) to make an evaluation cheaper on CPU (SmolLM2-135M
-scores ~2.3 likelihood requests/s on 2 cores), at the price of a noisier model utility.
+utility split (retain, real authors, world facts) to make an evaluation cheaper on CPU, at the price
+of a noisier model utility: with 40, SmolLM2-135M's evaluation on forget01 (920 likelihood and 200
+generation requests, at most 100 new tokens) took 224 s on 2 cores with nothing else running.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A model that never saw the forget set, the target that memorised it, and one pushed below
 # never-seen data (the holdout's Prob is 0.2 in all three).
-NEVER_SEEN = {"mia_min_k_pvalue": 0.4, "forget_prob": 0.22, "holdout_prob": 0.2, "forget_rouge": 0.40,
+NEVER_SEEN = {"mia_min_k_auc": 0.45, "forget_prob": 0.22, "holdout_prob": 0.2, "forget_rouge": 0.40,
               "holdout_rouge": 0.38, "model_utility": 0.6}
-MEMORISED = {**NEVER_SEEN, "mia_min_k_pvalue": 1e-9, "forget_prob": 0.95, "forget_rouge": 0.97}
-OVER_FORGOTTEN = {**NEVER_SEEN, "mia_min_k_pvalue": 1e-4, "forget_prob": 0.01, "forget_rouge": 0.05}
+MEMORISED = {**NEVER_SEEN, "mia_min_k_auc": 0.99, "forget_prob": 0.95, "forget_rouge": 0.97}
+OVER_FORGOTTEN = {**NEVER_SEEN, "mia_min_k_auc": 0.05, "forget_prob": 0.01, "forget_rouge": 0.05}
 BEFORE = {"model_utility": 0.6}
 
 
@@ -43,8 +43,8 @@ def test_a_rule_may_compare_two_metrics_of_the_same_evaluation():
 def test_the_holdout_profile_passes_never_seen_and_fails_memorised_and_over_forgotten(after, passes):
     gate = judge(list(HOLDOUT_RULES), after, BEFORE)
     assert gate.passed is passes
-    if after is OVER_FORGOTTEN:  # below never-seen data: only the two-sided attack test catches it
-        assert [v.metric for v in gate.failures()] == ["mia_min_k_pvalue"]
+    if after is OVER_FORGOTTEN:  # below never-seen data: only the two-sided attack band catches it
+        assert [v.metric for v in gate.failures()] == ["mia_min_k_auc"]
 
 
 @pytest.mark.parametrize("overrides, reference, rules", [

@@ -33,11 +33,12 @@ KNOWN_METRICS = frozenset(TOFU_HEADLINE + MUSE_HEADLINE + UTILITY_PARTS + HOLDOU
 RETAIN_MODEL_RULES = ("forget_quality >= 0.05", "model_utility >= 0.95 * base.model_utility",
                       "privleak within [-25, 25]")
 #: The gate without a retain model (TOFU-format data with a holdout of never-seen records): the
-#: Min-k attack cannot tell forget from holdout at the 5% level, in either direction (a forget set
+#: Min-k attack's AUC, forget vs holdout, stays within [0.3, 0.7] in either direction (a forget set
 #: pushed below never-seen data fails too); the forget set's Prob and ROUGE are at most 1.5x the
-#: holdout's (the margin a model that never saw either set stays within on real TOFU, README); and
-#: utility against the model before.
-HOLDOUT_RULES = ("mia_min_k_pvalue >= 0.05", "forget_prob <= 1.5 * holdout_prob",
+#: holdout's; and utility against the model before. The margins are what models that never saw the
+#: forget set stay within on real TOFU (README): AUC 0.50 on forget01 and 0.34 on forget10, where
+#: a significance test (``mia_min_k_pvalue``, p = 1e-14 there) fails them, as the two splits differ.
+HOLDOUT_RULES = ("mia_min_k_auc within [0.3, 0.7]", "forget_prob <= 1.5 * holdout_prob",
                  "forget_rouge <= 1.5 * holdout_rouge", "model_utility >= 0.95 * base.model_utility")
 PROFILES = {"retain_model": RETAIN_MODEL_RULES, "holdout": HOLDOUT_RULES}
 OPERATORS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
