@@ -5,7 +5,11 @@ with their perturbed rows as ``retain_perturbed``, and the general-knowledge spl
     python bench/tofu_subset.py --data ../shared/data/tofu --forget-split forget01 \
         --retain-authors 8 --out outputs/tofu-forget01-r8
 
-``full`` is left out, so ``unlearn finetune`` trains the target on forget + retain. Trade-offs:
+``full`` is left out, so ``unlearn finetune`` trains the target on forget + retain. ``proxy`` (EGUP's
+proxy set, ``data.proxy_split=proxy``) holds as many never-seen authors as the forget split, taken
+from the next larger holdout split past the evaluation's own holdout (TOFU's holdout05 starts with
+holdout01's authors), so no method trains against the evaluation's membership-attack non-members;
+forget10 has no larger holdout and gets no proxy. Trade-offs:
 model utility's retain part is measured on retain authors the models trained on (as TOFU's
 ``retain_perturbed`` is), but on fewer of them; ``--utility-rows N`` keeps the first N rows of each
 utility split (retain, real authors, world facts) to make an evaluation cheaper on CPU, at the price
@@ -31,6 +35,18 @@ def read(folder: Path, split: str) -> list[dict]:
     return json.loads(path.read_text())
 
 
+def proxy_rows(data: Path, pct: str, skip: int, rows: int) -> list[dict]:
+    """Never-seen rows past the evaluation's holdout: the next larger holdout split's, after its
+    first ``skip`` rows (the smaller holdout's authors), checked to share no question with them."""
+    larger = {"01": "05", "05": "10"}.get(pct)
+    if larger is None:
+        return []
+    smaller, bigger = read(data, f"holdout{pct}"), read(data, f"holdout{larger}")
+    if [r["question"] for r in bigger[:skip]] != [r["question"] for r in smaller]:
+        raise SystemExit(f"error: holdout{larger} does not start with holdout{pct}'s authors")
+    return bigger[skip:skip + rows]
+
+
 def write_subset(data: Path, forget_split: str, retain_authors: int, out: Path,
                  utility_rows: int | None = None) -> dict[str, int]:
     match = re.fullmatch(r"forget(\d+)", forget_split)
@@ -46,6 +62,9 @@ def write_subset(data: Path, forget_split: str, retain_authors: int, out: Path,
               f"holdout{pct}": read(data, f"holdout{pct}"),
               "retain": retain, "retain_perturbed": perturbed}
     splits.update({name: read(data, name) for name in COPIED})
+    proxy = proxy_rows(data, pct, len(splits[f"holdout{pct}"]), len(splits[forget_split]))
+    if proxy:
+        splits["proxy"] = proxy
     for name in ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"):
         splits[name] = splits[name][:utility_rows]
     out.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points) for p in points]
 
 
-def plot_pareto(rows: list[dict], out_file: Path) -> Path:
+def plot_pareto(rows: list[dict], out_file: Path, *, label: str = "trial",
+                title: str = "trials (red: Pareto front)") -> Path:
+    """Forget quality against model utility, one point per row, named by its ``label`` key (trial
+    ids by their last 5 characters)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,11 +93,12 @@ def plot_pareto(rows: list[dict], out_file: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for (fq, mu), on_front, row in zip(points, front, done):
         ax.scatter(fq, mu, c="tab:red" if on_front else "tab:gray", s=40)
-        ax.annotate(row["trial"][-5:], (fq, mu), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        name = row[label][-5:] if label == "trial" else row[label]
+        ax.annotate(name, (fq, mu), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("forget quality (KS p-value vs retain model)")
     ax.set_ylabel("model utility")
-    ax.set_title("trials (red: Pareto front)")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(out_file, dpi=120)
     plt.close(fig)
