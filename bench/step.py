@@ -24,7 +24,9 @@ Paths (each adds one thing to the one before):
   (``train.backward_per_term``), so one batch's activations are alive at a time; the default;
 - ``fused+split+ckpt``: and activation checkpointing per decoder block;
 - ``fused+split+bf16``: the default path under bf16 autocast (``train.precision: bf16``), without
-  checkpointing: matmuls in bf16, fp32 weights, gradients and AdamW states.
+  checkpointing: matmuls in bf16, fp32 weights, gradients and AdamW states;
+- ``fused+split+bf16+compile``: and each decoder block compiled (``train.compile``, regional
+  ``torch.compile``); the compilation itself happens in the warm-up step, outside the timing.
 
 On CPU the peak resident memory also counts freed memory that glibc's heap keeps (activations
 below its mmap threshold, which grows to 32 MiB); ``MALLOC_MMAP_THRESHOLD_=1048576`` in the
@@ -58,7 +60,8 @@ import subprocess
 import sys
 import time
 
-PATHS = ("plain", "fused", "fused+split", "fused+split+ckpt", "fused+split+bf16")
+PATHS = ("plain", "fused", "fused+split", "fused+split+ckpt", "fused+split+bf16",
+         "fused+split+bf16+compile")
 
 
 def _status_kib(field: str) -> int:
@@ -160,7 +163,7 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
         shard_one_rank([model] + ([ref] if ref is not None else []), cuda)
     unlearner = Unlearner(model, objective, build_optimizer(model, 1e-5, 0.0), ref_model=ref,
                           dual=dual, fused=path != "plain", backward_per_term="split" in path,
-                          precision="bf16" if path.endswith("+bf16") else "fp32")
+                          precision="bf16" if "+bf16" in path else "fp32", compile=path.endswith("+compile"))
     def on_device(batch):
         return {key: value.to(device) for key, value in batch.items()}
 

@@ -14,17 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unlearn.models import LoraSettings, is_lora_tensor
-
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks, by the class names HF lists in ``_no_split_modules``."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__}: no decoder blocks found to shard "
-                         f"(_no_split_modules={sorted(names)})")
-    return blocks
+from unlearn.models import LoraSettings, decoder_blocks, is_lora_tensor
 
 
 def shard_model(model: nn.Module, *, mixed_precision: bool = False, device_type: str = "cpu") -> nn.Module:

@@ -309,11 +309,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = -(-batches_per_epoch // t.grad_accum)
     total_steps = steps_per_epoch * t.epochs
     dual = build_dual(cfg, objective, steps_per_epoch, reduce=all_reduce_mean)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, states=t.optimizer_states)
     scheduler = build_scheduler(optimizer, total_steps, schedule=t.schedule, warmup_ratio=t.warmup_ratio)
     unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual, scheduler=scheduler,
                           max_grad_norm=t.max_grad_norm, fused=t.fused_losses, chunk_size=t.loss_chunk_size,
-                          backward_per_term=t.backward_per_term, precision=t.precision)
+                          backward_per_term=t.backward_per_term, precision=t.precision,
+                          compile=t.compile)
 
     checkpoint = ray.train.get_checkpoint()
     start_step, initial_retain = 0, None

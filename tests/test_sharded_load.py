@@ -253,3 +253,42 @@ def test_a_folder_whose_weights_lack_a_parameter_fails_naming_the_model(tmp_path
             load_sharded(str(folder))
     finally:
         dist.destroy_process_group()
+
+
+def test_bf16_optimizer_states_are_sharded_and_resume_from_a_checkpoint(tmp_path):
+    from torch.distributed.tensor import DTensor
+
+    from pipelines.fsdp import shard_model
+    from pipelines.train import load_checkpoint, save_checkpoint
+    from unlearn.loop import build_optimizer
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (2, 12))
+
+    def train_step(model, optimizer):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    def sharded():
+        model = shard_model(load_model("tiny"))
+        return model, build_optimizer(model, 1e-3, 0.01, states="bf16")
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model, optimizer = sharded()
+        train_step(model, optimizer)
+        state = optimizer.state[next(model.parameters())]
+        assert isinstance(state["exp_avg_sq"], DTensor) and state["exp_avg_sq"].dtype == torch.bfloat16
+        save_checkpoint(tmp_path, model, optimizer, {"step": 1})
+        train_step(model, optimizer)
+        expected = {name: p.full_tensor().clone() for name, p in model.named_parameters()}
+        resumed, resumed_optimizer = sharded()
+        assert load_checkpoint(tmp_path, resumed, resumed_optimizer) == {"step": 1}
+        train_step(resumed, resumed_optimizer)
+        for name, param in resumed.named_parameters():  # the same moments: the same next step
+            assert torch.allclose(param.full_tensor(), expected[name], atol=1e-6), name
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -146,6 +146,11 @@ class TrainConfig(_Strict):
     backward_per_term: bool = Field(True, description="backward through the forget term before the "
                                     "retain forward (one batch's activations at a time; same gradients)")
     precision: Precision = Field("fp32", description=PRECISION_HELP)
+    optimizer_states: Literal["fp32", "bf16"] = Field(
+        "fp32", description="AdamW's two moment estimates stored in bf16 (stochastically rounded; "
+        "half their memory) or fp32")
+    compile: bool = Field(False, description="torch.compile each decoder block (regional); falls back "
+                          "to eager with a one-line warning where compilation is not possible")
     seed: int = 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,7 +19,11 @@ from torch import Tensor, nn
 
 from unlearn import losses
 from unlearn.dual import DualController
+from unlearn.models import compile_blocks
 from unlearn.objectives import Objective, StepInputs, forward_logits, on_model_device
+from unlearn.optim import AdamWBf16States
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
 Pair = tuple[Batch, Batch | None]
@@ -70,6 +75,7 @@ class Unlearner:
     # weighted sum of the two): one batch's activations alive at a time instead of two
     backward_per_term: bool = True
     precision: str = "fp32"  # see compute_precision
+    compile: bool = False  # regional torch.compile of the model's decoder blocks (compile_blocks)
     extra: dict = field(default_factory=dict)
     global_step: int = 0
 
@@ -79,6 +85,10 @@ class Unlearner:
         if self.objective.uses_dual and self.dual is None:
             raise ValueError(f"method {self.objective.name!r} needs a DualController")
         compute_precision(self.model, self.precision)  # refuses an unknown precision now
+        if self.compile:
+            reason = compile_blocks(self.model)
+            if reason:
+                log.warning("train.compile: %s; the blocks run eager", reason)
 
     def step(self, micro_batches: Sequence[Pair]) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (gradient accumulation); returns metrics."""
@@ -202,23 +212,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, *, sched
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, *,
+                    states: str = "fp32") -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, no decay on biases and norms.
 
     On GPU the fused implementation: one kernel over all parameters, without the foreach
     version's temporaries the size of the model. CPU keeps the reference per-parameter loop: the
     fused CPU kernel halves the optimizer's time (0.13 to 0.06 s a SmolLM2 step, ~1.5% of the
     step) but rounds differently (1e-7), and the demo's unlearning run, whose dual variable
-    climbs to ~5e3, ended in a different place with it.
+    climbs to ~5e3, ended in a different place with it. ``states="bf16"``: the moment estimates
+    in bf16 (``unlearn.optim.AdamWBf16States``).
     """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
-                             fused=fused_adamw_supported(decay + no_decay) or None)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if states == "bf16":
+        return AdamWBf16States(groups, lr=lr)
+    if states != "fp32":
+        raise ValueError(f"unknown optimizer state precision {states!r}; choose fp32 or bf16")
+    return torch.optim.AdamW(groups, lr=lr, fused=fused_adamw_supported(decay + no_decay) or None)
 
 
 def fused_adamw_supported(params: list) -> bool:

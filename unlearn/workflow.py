@@ -419,13 +419,13 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
         objective.prepare(model, retain=eval_retain, forget=eval_forget, proxy=proxy)
 
     total_steps = steps_per_epoch * t.epochs
-    optimizer = build_optimizer(model, t.lr, t.weight_decay)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, states=t.optimizer_states)
     unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual,
                           scheduler=build_scheduler(optimizer, total_steps, schedule=t.schedule,
                                                     warmup_ratio=t.warmup_ratio),
                           max_grad_norm=t.max_grad_norm, fused=t.fused_losses,
                           chunk_size=t.loss_chunk_size, backward_per_term=t.backward_per_term,
-                          precision=t.precision)
+                          precision=t.precision, compile=t.compile)
     history = []
     bar = tqdm(total=total_steps, desc=f"unlearn ({objective.name})", disable=not progress, leave=False)
     stopped_at = None
