@@ -15,7 +15,7 @@ Memory, two figures (Linux /proc, in MiB):
   warm-up step);
 - ``above floor``: ``peak`` minus the floor that the loss cannot change: the process before the
   model was loaded + the parameters, their gradients and AdamW's two states (4 x parameter
-  bytes; + the reference model's parameters for methods that keep one).
+  bytes, 3 x with bf16 states; + the reference model's parameters for methods that keep one).
 
 Paths (each adds one thing to the one before):
 - ``plain``: losses on the full logits ``[B,T,V]``, one backward of the whole loss (the reference);
@@ -26,7 +26,9 @@ Paths (each adds one thing to the one before):
 - ``fused+split+bf16``: the default path under bf16 autocast (``train.precision: bf16``), without
   checkpointing: matmuls in bf16, fp32 weights, gradients and AdamW states;
 - ``fused+split+bf16+compile``: and each decoder block compiled (``train.compile``, regional
-  ``torch.compile``); the compilation itself happens in the warm-up step, outside the timing.
+  ``torch.compile``); the compilation itself happens in the warm-up step, outside the timing;
+- ``fused+split+bf16+bf16adam``: bf16 compute and AdamW's moments stored in bf16
+  (``train.optimizer_states: bf16``), and ``...+bf16adam+ckpt`` with activation checkpointing.
 
 On CPU the peak resident memory also counts freed memory that glibc's heap keeps (activations
 below its mmap threshold, which grows to 32 MiB); ``MALLOC_MMAP_THRESHOLD_=1048576`` in the
@@ -61,7 +63,7 @@ import sys
 import time
 
 PATHS = ("plain", "fused", "fused+split", "fused+split+ckpt", "fused+split+bf16",
-         "fused+split+bf16+compile")
+         "fused+split+bf16+compile", "fused+split+bf16+bf16adam", "fused+split+bf16+bf16adam+ckpt")
 
 
 def _status_kib(field: str) -> int:
@@ -153,15 +155,18 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
                           batch_size, pad, shuffle=True, bucket=True)
     cuda = device.startswith("cuda")
     before_model_kib = 0 if cuda else _status_kib("VmRSS")
-    model = bench_model(model_name, path.endswith("+ckpt"), random_init, device)
+    model = bench_model(model_name, "+ckpt" in path, random_init, device)
     objective = get_objective(method)
     ref = frozen_copy(model) if objective.needs_ref else None
     dual = DualController(lam_0=1.0, eta_dual=1.0, eps=1.0) if objective.uses_dual else None
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    floor_kib = before_model_kib + (4 * param_bytes + (param_bytes if ref is not None else 0)) / 1024
+    states = "bf16" if "+bf16adam" in path else "fp32"
+    state_bytes = param_bytes * (1 if states == "bf16" else 2)  # AdamW's two moments
+    ref_bytes = param_bytes if ref is not None else 0
+    floor_kib = before_model_kib + (2 * param_bytes + state_bytes + ref_bytes) / 1024
     if fsdp:
         shard_one_rank([model] + ([ref] if ref is not None else []), cuda)
-    unlearner = Unlearner(model, objective, build_optimizer(model, 1e-5, 0.0), ref_model=ref,
+    unlearner = Unlearner(model, objective, build_optimizer(model, 1e-5, 0.0, states=states), ref_model=ref,
                           dual=dual, fused=path != "plain", backward_per_term="split" in path,
                           precision="bf16" if "+bf16" in path else "fp32", compile=path.endswith("+compile"))
     def on_device(batch):
