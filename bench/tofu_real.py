@@ -39,10 +39,14 @@ from tofu_subset import write_subset  # noqa: E402
 
 from unlearn.config import Config, load_config  # noqa: E402
 
-# label -> method overrides; the top-k variant keeps PDU's flattening on the 5 largest logits only
+# label -> method overrides; the top-k variant keeps PDU's flattening on the 5 largest logits only.
+# pdu_eta1000: the config's PDU with a dual step scaled to this model's constraint (its retain loss
+# after finetuning is ~0.06, so a violation of ~0.1 moved lam by 0.5 a step at eta_dual 5 and lam
+# stayed at ~lam_0 for the whole run; at 1000 it moves by ~100)
 METHODS = {
     "pdu": ["method.name=pdu"],
     "pdu_top5": ["method.name=pdu", "method.params.top_k=5"],
+    "pdu_eta1000": ["method.name=pdu", "dual.eta_dual=1000"],
     "npo": ["method.name=npo"],
     "simnpo": ["method.name=simnpo"],
     "grad_diff": ["method.name=grad_diff"],
@@ -118,21 +122,22 @@ def run_method(args, label: str, out: Path, evals: dict, parent: str) -> dict:
     summary = run_pipeline(cfg, str(out / "target"), reference=evals["retain"], parent_run_id=parent,
                            before=before)
     after = summary["after"]
-    return {"model": label, **{k: after.get(k) for k in COLUMNS}, "steps": summary["steps"],
-            "train_s": train_seconds(cfg, summary["mlflow_run_id"]), "seconds": summary["seconds"],
+    steps, train_s = step_times(cfg, summary["mlflow_run_id"])
+    return {"model": label, **{k: after.get(k) for k in COLUMNS}, "steps": steps,
+            "train_s": train_s, "seconds": summary["seconds"],
             "gate": "pass" if summary["gate"]["passed"] else "FAIL",
             "mlflow_run_id": summary["mlflow_run_id"]}
 
 
-def train_seconds(cfg: Config, run_id: str) -> float:
-    """The run's optimizer steps alone (the sum of the step times its workers logged), without Ray's
-    start-up, the export and the evaluation that ``seconds`` also counts."""
+def step_times(cfg: Config, run_id: str) -> tuple[int, float]:
+    """The run's optimizer steps and their time alone (the sum of the step times its workers
+    logged), without Ray's start-up, the export and the evaluation that ``seconds`` also counts."""
     from mlflow import MlflowClient
 
     from pipelines.run import tracking_uri
 
     history = MlflowClient(tracking_uri(cfg)).get_metric_history(run_id, "step_time")
-    return round(sum(metric.value for metric in history), 1)
+    return len(history), round(sum(metric.value for metric in history), 1)
 
 
 def reference_row(label: str, path: str) -> dict:
@@ -201,7 +206,7 @@ def report(cfg: Config, out: Path, parent: str, evals: dict, rows: list[dict]) -
 
     for row in rows:  # rows written before train_s was recorded
         if row.get("train_s") is None and row.get("mlflow_run_id"):
-            row["train_s"] = train_seconds(cfg, row["mlflow_run_id"])
+            row["steps"], row["train_s"] = step_times(cfg, row["mlflow_run_id"])
     rows = [reference_row("retain model", evals["retain"]), reference_row("target", evals["target"]), *rows]
     text = table(rows)
     print("\n" + text)
