@@ -314,7 +314,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     unlearner = Unlearner(model, objective, optimizer, ref_model=ref_model, dual=dual, scheduler=scheduler,
                           max_grad_norm=t.max_grad_norm, fused=t.fused_losses, chunk_size=t.loss_chunk_size,
                           backward_per_term=t.backward_per_term, precision=t.precision,
-                          compile=t.compile)
+                          compile=t.compile, all_reduce_sum=all_reduce_sum, world_size=world)
 
     checkpoint = ray.train.get_checkpoint()
     start_step, initial_retain = 0, None
@@ -337,7 +337,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.warning("resumed from the checkpoint at step %d", start_step)
     else:
         if dual is not None:
-            initial_retain = all_reduce_mean(mean_nll(model, my_rows(retain)))
+            initial_retain = mean_nll(model, my_rows(retain), all_reduce_sum=all_reduce_sum)
             dual.calibrate(initial_retain)
         if isinstance(objective, EGUP):
             objective.prepare(model, retain=my_rows(retain), forget=my_rows(forget),

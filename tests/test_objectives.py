@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from unlearn import losses
 from unlearn.dual import DualController
-from unlearn.loop import Unlearner, build_optimizer, pair_batches
+from unlearn.loop import Unlearner, build_optimizer, pair_batches, supervised_samples, supervised_tokens
 from unlearn.models import frozen_copy
 from unlearn.objectives import EGUP, StepInputs, available, forward_logits, get_objective
 
@@ -301,3 +301,55 @@ def test_per_term_backward_frees_the_forget_activations_before_the_retain_pass()
                 objective.compute(inputs).loss.backward()
         peaks[per_term] = live["peak"]
     assert peaks[True] < 0.6 * peaks[False]
+
+
+def _uneven_global_batch(seed):
+    """4 rows whose halves carry very different numbers of answer tokens (14 vs 5)."""
+    batch = make_batch(seed, batch=4, length=12, prompt=4)
+    batch["labels"][2, 6:] = -100
+    batch["labels"][3, 7:] = -100
+    return batch
+
+
+def _rows(batch, rows):
+    return {key: value[rows] for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("name", ["grad_diff", "npo", "pdu"])
+def test_two_ranks_weighted_by_their_share_give_the_one_process_step(name):
+    """Each rank's loss is a mean over its own rows; FSDP averages the ranks' gradients. Weighted
+    by the rank shares, that average is the gradient of the mean over the whole global batch."""
+    forget, retain = _uneven_global_batch(1), _uneven_global_batch(2)
+    halves = [(_rows(forget, slice(0, 2)), _rows(retain, slice(0, 2))),
+              (_rows(forget, slice(2, 4)), _rows(retain, slice(2, 4)))]
+    counter = supervised_samples if get_objective(name).forget_mean_over == "samples" else supervised_tokens
+    local = [torch.tensor([[float(counter(f)), float(supervised_tokens(r))]], dtype=torch.float64)
+             for f, r in halves]
+
+    def step(pairs, reducer=None, world=1):
+        model = tiny_model()
+        objective = get_objective(name)
+        dual = DualController(lam_0=2.0, eta_dual=0.0, eps=0.5) if objective.uses_dual else None
+        unlearner = Unlearner(model, objective, torch.optim.SGD(model.parameters(), lr=0.0),
+                              ref_model=frozen_copy(model) if objective.needs_ref else None, dual=dual,
+                              max_grad_norm=None, all_reduce_sum=reducer, world_size=world)
+        metrics = unlearner.step(pairs)
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), metrics
+
+    whole_grad, whole = step([(forget, retain)])
+    per_rank = [step([halves[rank]], lambda t, other=local[1 - rank]: t + other, world=2)
+                for rank in (0, 1)]
+    torch.testing.assert_close((per_rank[0][0] + per_rank[1][0]) / 2, whole_grad, rtol=1e-4, atol=1e-6)
+    for key in ("forget_loss", "retain_loss", "loss"):
+        assert (per_rank[0][1][key] + per_rank[1][1][key]) / 2 == pytest.approx(whole[key], rel=1e-5), key
+    if name != "npo":  # a mean of the two ranks' token means is another step (samples split evenly)
+        unweighted = [step([halves[rank]])[0] for rank in (0, 1)]
+        assert not torch.allclose((unweighted[0] + unweighted[1]) / 2, whole_grad, rtol=1e-2, atol=1e-4)
+
+
+def test_rank_shares_are_exactly_one_in_one_process():
+    forget, retain = _uneven_global_batch(1), _uneven_global_batch(2)
+    model = tiny_model()
+    unlearner = Unlearner(model, get_objective("grad_diff"), torch.optim.SGD(model.parameters(), lr=0.0),
+                          all_reduce_sum=lambda t: t, world_size=1)
+    assert unlearner.rank_shares([(forget, retain), (forget, None)]) == [(1.0, 1.0), (1.0, 1.0)]

@@ -11,7 +11,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +58,13 @@ def supervised_tokens(batch: Batch | None) -> int:
     return 0 if batch is None else int((batch["labels"][:, 1:] != -100).sum())
 
 
+def supervised_samples(batch: Batch | None) -> int:
+    return 0 if batch is None else int((batch["labels"][:, 1:] != -100).any(dim=1).sum())
+
+
+_COUNTERS = {"tokens": supervised_tokens, "samples": supervised_samples}
+
+
 @dataclass
 class Unlearner:
     """Holds what a step needs; ``step`` is the one training step every runner uses."""
@@ -76,6 +83,11 @@ class Unlearner:
     backward_per_term: bool = True
     precision: str = "fp32"  # see compute_precision
     compile: bool = False  # regional torch.compile of the model's decoder blocks (compile_blocks)
+    # Data-parallel runs: sums a tensor over the ranks (in place), and the number of ranks. With
+    # both set, each rank weighs its loss terms by its share of the global batch's tokens (or
+    # samples), so the step matches one process's on the whole batch (see rank_shares).
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+    world_size: int = 1
     extra: dict = field(default_factory=dict)
     global_step: int = 0
 
@@ -101,7 +113,8 @@ class Unlearner:
         retain_losses: list[float] = []
         tokens = 0
         scale = 1.0 / len(micro_batches)
-        for forget, retain in micro_batches:
+        shares = self.rank_shares(micro_batches)
+        for (forget, retain), share in zip(micro_batches, shares):
             forget = on_model_device(self.model, forget)
             retain = None if retain is None else on_model_device(self.model, retain)
             inputs = StepInputs(self.model, forget, retain, self.ref_model, self.dual, self.extra,
@@ -112,7 +125,7 @@ class Unlearner:
                     out = self.objective.compute(inputs)
                     (out.loss * scale).backward()
                 else:
-                    out = self.objective.backward_by_term(inputs, weights, scale)
+                    out = self.objective.backward_by_term(inputs, weights, scale, share)
             _accumulate(totals, "loss", float(out.loss.detach()) * scale)
             _accumulate(totals, "forget_loss", float(out.forget_loss.detach()) * scale)
             for key, value in out.metrics.items():
@@ -138,6 +151,26 @@ class Unlearner:
         metrics.update(step=float(self.global_step), step_time=elapsed,
                        tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0)
         return metrics
+
+    def rank_shares(self, micro_batches: Sequence[Pair]) -> list[tuple[float, float]]:
+        """``(s_f, s_r)`` per micro-batch: ``world * n_rank / n_global`` for the forget and the
+        retain term, n counting what the term averages over (supervised tokens, or samples).
+
+        Each rank's loss is a mean over its own slice, and FSDP averages the ranks' gradients, so
+        unweighted the step would be a mean of per-rank means; weighted by these shares it is the
+        mean over the whole global batch, as one process computes it. Exactly 1.0 in one process.
+        Objectives that do not step term by term (``term_weights`` None) keep the per-rank means.
+        """
+        ones = [(1.0, 1.0)] * len(micro_batches)
+        forget_unit = self.objective.forget_mean_over
+        if self.all_reduce_sum is None or self.world_size == 1 or forget_unit is None:
+            return ones
+        count_forget = _COUNTERS[forget_unit]
+        local = torch.tensor([[count_forget(f), supervised_tokens(r)] for f, r in micro_batches],
+                             dtype=torch.float64)
+        total = self.all_reduce_sum(local.clone())
+        shares = torch.where(total > 0, self.world_size * local / total.clamp(min=1), torch.ones_like(local))
+        return [(float(f), float(r)) for f, r in shares.tolist()]
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -171,8 +204,10 @@ def per_sample_nll(model: nn.Module, batches: Iterable[Batch]) -> Tensor:
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, batches: Iterable[Batch]) -> float:
-    """Token-weighted mean NLL over all supervised tokens of ``batches`` (the retain loss)."""
+def mean_nll(model: nn.Module, batches: Iterable[Batch],
+             all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Token-weighted mean NLL over all supervised tokens of ``batches`` (the retain loss); with
+    ``all_reduce_sum``, over the batches of every rank together."""
     model.eval()
     total, count = 0.0, 0
     for batch in (on_model_device(model, b) for b in batches):
@@ -180,6 +215,8 @@ def mean_nll(model: nn.Module, batches: Iterable[Batch]) -> float:
         if n:
             total += float(losses.nll(forward_logits(model, batch), batch["labels"])) * n
             count += n
+    if all_reduce_sum is not None:
+        total, count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     if count == 0:
         raise ValueError("no supervised token to measure a loss on")
     return total / count

@@ -100,6 +100,9 @@ class Objective:
     defaults: ClassVar[dict[str, Any]] = {"gamma": 1.0, "alpha": 1.0, "retain_loss": "nll"}
     uses_dual: ClassVar[bool] = False
     needs_spans: ClassVar[bool] = False
+    # What the forget loss's "mean" reduction averages over: "tokens" (supervised tokens of the
+    # batch) or "samples" (sequence losses); the step uses it to weigh ranks in a distributed run.
+    forget_mean_over: ClassVar[str | None] = "tokens"
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.defaults))
@@ -186,17 +189,21 @@ class Objective:
         return float(self.params["gamma"]), float(self.params["alpha"])
 
     def backward_by_term(self, inputs: StepInputs, weights: tuple[float, float],
-                         scale: float = 1.0) -> ObjectiveOutput:
+                         scale: float = 1.0, shares: tuple[float, float] = (1.0, 1.0)) -> ObjectiveOutput:
         """``compute(inputs)`` and the backward pass of ``scale * loss``, one term at a time: the
         forget pass's activations are freed before the retain pass runs, so the step holds one
         batch's activations, not two. The gradients are those of the whole loss (a sum's gradient
-        is the sum of its terms' gradients); the returned values are detached."""
+        is the sum of its terms' gradients); the returned values are detached. ``shares``
+        multiply the forget and retain term (a rank's share of the global batch, see
+        ``Unlearner.rank_shares``; 1 in one process)."""
         w_f, w_r = weights
+        s_f, s_r = shares
         forget_loss, _ = self.forget_term(inputs)
+        forget_loss = forget_loss * s_f
         (forget_loss * (scale * w_f)).backward()
         retain_loss = None
         if self.wants_retain():
-            retain_loss = self.retain_term(inputs)
+            retain_loss = self.retain_term(inputs) * s_r
             (retain_loss * (scale * w_r)).backward()
             retain_loss = retain_loss.detach()
         return self.combine(forget_loss.detach(), retain_loss, inputs)

@@ -37,6 +37,7 @@ class NPO(Objective):
     name = "npo"
     description = "Negative preference optimisation against the frozen reference (+ retain NLL)"
     defaults = {"gamma": 1.0, "alpha": 1.0, "retain_loss": "nll", "beta": 0.1}
+    forget_mean_over = "samples"
 
     def forget_needs_ref(self) -> bool:
         return True
@@ -50,6 +51,7 @@ class SimNPO(Objective):
     name = "simnpo"
     description = "SimNPO: reference-free, length-normalised NPO (+ retain NLL)"
     defaults = {"gamma": 0.125, "alpha": 1.0, "retain_loss": "nll", "beta": 4.5, "delta": 0.0}
+    forget_mean_over = "samples"
 
     def forget_loss(self, out, batch, ref, reduction="mean"):
         return ops.simnpo(out, batch["labels"], float(self.params["beta"]),

@@ -75,6 +75,7 @@ class EGUP(Objective):
         "inner": "npo", "inner_params": None, "tau": 1.0, "tau_d": 0.1, "beta": 1.0, "layer": -1,
         "use_inter": True, "use_intra": True, "use_proxy": True,
     }
+    forget_mean_over = None  # reweighted per-sample losses in its own compute: per-rank means
 
     def __init__(self, **params):
         super().__init__(**params)

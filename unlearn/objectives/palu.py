@@ -23,6 +23,7 @@ class PALU(Objective):
     description = "PALU: flatten the reference top-k logits at the onset of each sensitive span"
     defaults = {"gamma": 1.0, "alpha": 1.0, "retain_loss": "nll", "top_k": 1000, "prefix_tokens": 3}
     needs_spans = True
+    forget_mean_over = None  # a mean over onset tokens, in its own compute: per-rank means
 
     def __init__(self, **params):
         super().__init__(**params)
