@@ -130,6 +130,20 @@ def test_tofu_splits_follow_the_benchmark_layout():
     assert "forget01" not in splits  # needs >= 100 authors
 
 
+def test_more_never_seen_authors_leave_the_training_splits_as_they_were():
+    few = generate_tofu(seed=3, holdout_ratio=2, validation_ratio=2)
+    many = generate_tofu(seed=3, holdout_ratio=8, validation_ratio=8)
+    for split in ("full", "forget10", "forget10_perturbed", "retain90", "retain_perturbed",
+                  "real_authors_perturbed", "world_facts_perturbed"):
+        assert many[split] == few[split], split
+    authors = {split: [r.author for r in many[split]] for split in ("holdout10", "validation10", "full")}
+    assert len(set(authors["holdout10"])) == len(set(authors["validation10"])) == 8 * 2  # forget10: 2 authors
+    assert len({r.author for r in many["holdout05"]}) == 8  # forget05: 1 author
+    assert few["holdout10"] == many["holdout10"][:len(few["holdout10"])]  # the first 4 authors kept
+    assert not set(authors["holdout10"]) & set(authors["validation10"])
+    assert not (set(authors["holdout10"]) | set(authors["validation10"])) & set(authors["full"])
+
+
 def test_perturbed_answers_swap_exactly_the_fact_of_the_paraphrase():
     for record in generate_tofu(seed=1)["forget10_perturbed"]:
         (start, end), = record.sensitive_spans

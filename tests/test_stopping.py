@@ -8,7 +8,7 @@ import torch
 
 from unlearn.config import build_config
 from unlearn.data import DataError, generate_tofu, write_tofu
-from unlearn.data.synthetic import synthetic_source
+from unlearn.data.synthetic import HOLDOUT_RATIO, synthetic_source
 from unlearn.eval import metrics
 from unlearn.eval.scoring import token_scores
 from unlearn.models import load_model, load_tokenizer
@@ -132,7 +132,7 @@ def test_the_run_ends_with_the_weights_of_the_check_closer_to_the_target(tmp_pat
 def test_the_default_stop_split_is_validation_xx_disjoint_from_every_other_author(tmp_path):
     cfg = build_config({}, [f"output_dir={tmp_path}"])
     data = load_unlearn_data(cfg)
-    assert len(data.stop) == 2 * len(data.forget)  # two never-seen authors per forget author
+    assert len(data.stop) == HOLDOUT_RATIO * len(data.forget)  # never-seen authors per forget author
     seen = {r.author for r in generate_tofu(seed=0)["full"]} | \
         {r.author for r in generate_tofu(seed=0)["holdout10"]}
     stop_authors = {r.author for r in generate_tofu(seed=0)["validation10"]}

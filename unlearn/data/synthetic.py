@@ -17,7 +17,11 @@ from pathlib import Path
 from unlearn.data.records import QARecord, VerbatimRecord
 
 N_PERTURBED = 5
-TOFU_GENERATOR = 3  # bumped when the generated splits change: cached folders are rebuilt
+TOFU_GENERATOR = 4  # bumped when the generated splits change: cached folders are rebuilt
+# Never-seen authors per forget author, in holdoutXX (the evaluation's) and validationXX (early
+# stopping's): the privleak and the stopping target are AUCs against them, and on 4 authors
+# each swung by 30-40 points between machines and seeds.
+HOLDOUT_RATIO = 8
 
 _FIRST = ["Ve", "Ka", "Lo", "Mi", "Tor", "Sa", "Eli", "Ba", "Ru", "Quen", "Ya", "Dor", "Fe", "Ni", "Ori"]
 _FIRST_END = ["lora", "rin", "vian", "dra", "mas", "nel", "sha", "tor", "wen", "lio", "ra", "bek"]
@@ -203,7 +207,8 @@ def _strip_extras(records: list[QARecord]) -> list[QARecord]:
 
 
 def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
-                  n_holdout_authors: int = 4, holdout_ratio: int = 2) -> dict[str, list[QARecord]]:
+                  n_holdout_authors: int = 4, holdout_ratio: int = HOLDOUT_RATIO,
+                  validation_ratio: int = HOLDOUT_RATIO) -> dict[str, list[QARecord]]:
     """A TOFU-format data set of ``n_authors`` fictitious authors (split by author, tail = forget).
 
     ``holdoutXX`` holds ``holdout_ratio`` times as many authors as ``forgetXX`` (TOFU's are the
@@ -222,6 +227,9 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
     names = _author_names(rng, n_authors + n_holdout_authors)
     authors = [_author_records(name, rng, qa_per_author) for name in names[:n_authors]]
     holdout_authors = [_author_records(name, rng, qa_per_author) for name in names[n_authors:]]
+    most_forget = max(max(1, round(n_authors * pct / 100)) for pct in (5, 10))
+    holdout_authors += _extra_authors(f"holdout-{seed}", names, holdout_ratio * most_forget - len(holdout_authors),
+                                      qa_per_author)
 
     full = [r for author in authors for r in author]
     splits: dict[str, list[QARecord]] = {"full": _indexed(_strip_extras(full))}
@@ -237,7 +245,8 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
         splits[f"holdout{pct:02d}"] = _indexed(_strip_extras(holdout))
     retain90 = [r for author in authors[:-max(1, round(n_authors * 0.1))] for r in author]
     size = len(splits["forget10"])
-    splits.update(_validation_splits(seed, names, qa_per_author, n_authors, percents))
+    splits.update(_validation_splits(seed, names + [a[0].author for a in holdout_authors], qa_per_author,
+                                     n_authors, percents, validation_ratio))
     splits["retain_perturbed"] = _indexed(sorted(rng.sample(retain90, min(size, len(retain90))),
                                                  key=retain90.index))
     splits["real_authors_perturbed"] = _general_split(_REAL_AUTHORS, rng)
@@ -245,19 +254,26 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
     return splits
 
 
-def _validation_splits(seed: int, taken: list[str], qa_per_author: int, n_authors: int,
-                       percents: list[int]) -> dict[str, list[QARecord]]:
-    # A stream of its own: adding these splits left every other split as it was.
-    rng = random.Random(f"validation-{seed}")
-    most = 2 * max(max(1, round(n_authors * pct / 100)) for pct in percents)
+def _extra_authors(stream: str, taken: list[str], count: int, qa_per_author: int) -> list[list[QARecord]]:
+    """``count`` authors of their own random stream, named apart from ``taken``: adding them
+    leaves every split drawn from the main stream (the training data) as it was."""
+    if count <= 0:
+        return []
+    rng = random.Random(stream)
     names: list[str] = []
-    for name in _author_names(rng, most + len(taken)):
-        if name not in taken and len(names) < most:
+    for name in _author_names(rng, count + len(taken)):
+        if name not in taken and len(names) < count:
             names.append(name)
-    authors = [_author_records(name, rng, qa_per_author) for name in names]
+    return [_author_records(name, rng, qa_per_author) for name in names]
+
+
+def _validation_splits(seed: int, taken: list[str], qa_per_author: int, n_authors: int,
+                       percents: list[int], ratio: int) -> dict[str, list[QARecord]]:
+    most = ratio * max(max(1, round(n_authors * pct / 100)) for pct in percents)
+    authors = _extra_authors(f"validation-{seed}", taken, most, qa_per_author)
     splits = {}
     for pct in percents:
-        count = 2 * max(1, round(n_authors * pct / 100))
+        count = ratio * max(1, round(n_authors * pct / 100))
         splits[f"validation{pct:02d}"] = _indexed(_strip_extras([r for a in authors[:count] for r in a]))
     return splits
 
