@@ -1,9 +1,13 @@
 """The Ray pipeline: 2 FSDP2 workers on gloo against one process, and a killed worker resuming.
 
-Tolerance of the 2-worker comparison: each rank averages its loss over its own tokens and FSDP
-averages the ranks' gradients, while one process averages over all tokens of the global batch;
-the step losses therefore differ by the token-count imbalance between ranks, a few percent at
-most on these batches (measured: see the printed table with -s).
+Tolerance of the 2-worker comparison: each rank weighs its loss terms by its share of the global
+batch's tokens (``Unlearner.rank_shares``), so the 2 workers take the one process's steps up to
+the order of floating-point sums (measured: equal to 4 decimals at every step, see the printed
+table with -s). Without the shares a step's retain loss was 8% off.
+
+These runs use lr 1e-3, five times the defaults': over their 2 epochs the defaults moved one
+machine's target from forget Prob 0.975 to 0.963 only, too little to show that the runs
+unlearn at all (the defaults' forgetting is checked over 16 epochs in test_end_to_end).
 """
 
 import contextlib
@@ -23,10 +27,8 @@ from unlearn.config import build_config  # noqa: E402
 from unlearn.models import load_model  # noqa: E402
 from unlearn.workflow import run_unlearning  # noqa: E402
 
-STEP_TOLERANCE = 0.05  # relative, per step, forget and retain loss
-# Below ~0.01 nats a retain loss is a few tokens' worth, and the ranks' token split moves it by
-# more than 5% (measured: 0.0083 vs 0.0088 at one step): an absolute floor of 1e-3 nats.
-STEP_FLOOR = 1e-3
+STEP_TOLERANCE = 1e-3  # relative, per step, forget and retain loss
+STEP_FLOOR = 1e-5  # nats: a retain loss near 0.01 is a few tokens' worth
 RESUME_TOLERANCE = 1e-4  # relative: a resumed run replays exactly the same steps
 
 
@@ -37,7 +39,7 @@ def make_cfg(finetuned, tmp_path_factory):
 
     def make(name, *extra):
         return build_config({}, [f"output_dir={out / name}", f"run_name={name}", f"data.source={source}",
-                                 "train.epochs=2", "eval.before=false", "eval.max_new_tokens=16",
+                                 "train.epochs=2", "train.lr=1e-3", "eval.before=false", "eval.max_new_tokens=16",
                                  f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", "ray.checkpoint_every=2",
                                  *extra])
 
@@ -78,10 +80,9 @@ def test_two_fsdp2_workers_match_one_process(make_cfg, uninterrupted):
         print(key, [(round(h[key], 4), round(v, 4)) for h, (_, v) in zip(single, distributed)])
         for h, (step, value) in zip(single, distributed):
             assert value == pytest.approx(h[key], rel=STEP_TOLERANCE, abs=STEP_FLOOR), f"{key} at step {step}"
-    # the same model at the end: forget Prob 0.92 after these 2 epochs of the defaults, from 0.99
-    # (the defaults' forgetting itself is checked over 16 epochs in test_end_to_end)
+    # the same model at the end
     print("forget Prob: 2 workers", summary["after"]["forget_prob"], "one process", one_process["after"])
-    assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=0.02)
+    assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=1e-3)
     assert summary["after"]["forget_prob"] < report["forget_prob"]["target"] - 0.03
     assert summary["after"]["forget_quality"] is not None  # the retain model was the reference
     # early stopping's checks before each step of epoch 2 (4 steps, 4 checks per epoch): the same
