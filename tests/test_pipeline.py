@@ -39,7 +39,8 @@ def make_cfg(finetuned, tmp_path_factory):
 
     def make(name, *extra):
         return build_config({}, [f"output_dir={out / name}", f"run_name={name}", f"data.source={source}",
-                                 "train.epochs=2", "train.lr=1e-3", "eval.before=false", "eval.max_new_tokens=16",
+                                 "train.epochs=2", "train.lr=1e-3", "eval.before=false",
+                                 "eval.max_new_tokens=16",
                                  f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", "ray.checkpoint_every=2",
                                  *extra])
 

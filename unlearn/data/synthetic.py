@@ -228,8 +228,8 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
     authors = [_author_records(name, rng, qa_per_author) for name in names[:n_authors]]
     holdout_authors = [_author_records(name, rng, qa_per_author) for name in names[n_authors:]]
     most_forget = max(max(1, round(n_authors * pct / 100)) for pct in (5, 10))
-    holdout_authors += _extra_authors(f"holdout-{seed}", names, holdout_ratio * most_forget - len(holdout_authors),
-                                      qa_per_author)
+    missing = holdout_ratio * most_forget - len(holdout_authors)
+    holdout_authors += _extra_authors(f"holdout-{seed}", names, missing, qa_per_author)
 
     full = [r for author in authors for r in author]
     splits: dict[str, list[QARecord]] = {"full": _indexed(_strip_extras(full))}
