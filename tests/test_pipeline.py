@@ -86,15 +86,18 @@ def test_two_fsdp2_workers_match_one_process(make_cfg, uninterrupted):
     assert summary["after"]["forget_prob"] == pytest.approx(one_process["after"]["forget_prob"], rel=1e-3)
     assert summary["after"]["forget_prob"] < report["forget_prob"]["target"] - 0.03
     assert summary["after"]["forget_quality"] is not None  # the retain model was the reference
-    # early stopping's checks before each step of epoch 2 (4 steps, 4 checks per epoch): the same
-    # target, and the 2 ranks' gathered Min-k scores give the one process's AUC (one swapped pair
-    # of 16 x 32 moves it by 0.002)
+    # early stopping's checks before each step of epoch 2 (4 steps, 4 checks per epoch) until it
+    # stops (at lr 1e-3 it may, at 1.75 epochs): the same target, the 2 ranks' gathered Min-k
+    # scores give the one process's AUC (one swapped pair of 16 x 128 moves it by 0.0005), and
+    # both stop at the same check
     stop, local = summary["stop"], one_process["stop"]
     assert stop["target_auc"] == pytest.approx(local["target_auc"], abs=1e-9)
-    assert list(stop["auc_by_epoch"]) == list(local["auc_by_epoch"]) == ["1", "1.25", "1.5", "1.75"]
+    checks = list(local["auc_by_epoch"])
+    assert list(stop["auc_by_epoch"]) == checks == ["1", "1.25", "1.5", "1.75"][:len(checks)]
+    assert len(checks) >= 2
     for done, auc in local["auc_by_epoch"].items():
         assert stop["auc_by_epoch"][done] == pytest.approx(auc, abs=0.01), done
-    assert stop["stopped_after_epochs"] is None
+    assert stop["stopped_after_epochs"] == local["stopped_after_epochs"]
     assert (Path(summary["model_dir"]) / "config.json").is_file()
     assert json.loads((Path(cfg.output_dir) / "summary.json").read_text())["mlflow_run_id"] == \
         summary["mlflow_run_id"]

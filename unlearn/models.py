@@ -223,7 +223,9 @@ def build_tiny_model(
     if texts is None:
         from unlearn.data.synthetic import corpus_texts, generate_muse, generate_tofu
 
-        texts = corpus_texts(generate_tofu(seed=0, holdout_ratio=1)) + corpus_texts(generate_muse(seed=0))
+        # the splits the tokenizer was first trained on: the tiny model and its figures stay the same
+        splits = generate_tofu(seed=0, holdout_ratio=1, validation_ratio=2)
+        texts = corpus_texts(splits) + corpus_texts(generate_muse(seed=0))
     tokenizer = train_tiny_tokenizer(texts, vocab_size=vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -228,8 +228,9 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
     authors = [_author_records(name, rng, qa_per_author) for name in names[:n_authors]]
     holdout_authors = [_author_records(name, rng, qa_per_author) for name in names[n_authors:]]
     most_forget = max(max(1, round(n_authors * pct / 100)) for pct in (5, 10))
-    missing = holdout_ratio * most_forget - len(holdout_authors)
-    holdout_authors += _extra_authors(f"holdout-{seed}", names, missing, qa_per_author)
+    extra = _extra_authors(f"holdout-{seed}", names, holdout_ratio * most_forget - len(holdout_authors),
+                           qa_per_author)
+    holdout_authors += extra
 
     full = [r for author in authors for r in author]
     splits: dict[str, list[QARecord]] = {"full": _indexed(_strip_extras(full))}
@@ -245,7 +246,7 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
         splits[f"holdout{pct:02d}"] = _indexed(_strip_extras(holdout))
     retain90 = [r for author in authors[:-max(1, round(n_authors * 0.1))] for r in author]
     size = len(splits["forget10"])
-    splits.update(_validation_splits(seed, names + [a[0].author for a in holdout_authors], qa_per_author,
+    splits.update(_validation_splits(seed, names + [a[0].author for a in extra], qa_per_author,
                                      n_authors, percents, validation_ratio))
     splits["retain_perturbed"] = _indexed(sorted(rng.sample(retain90, min(size, len(retain90))),
                                                  key=retain90.index))
