@@ -353,3 +353,15 @@ def test_rank_shares_are_exactly_one_in_one_process():
     unlearner = Unlearner(model, get_objective("grad_diff"), torch.optim.SGD(model.parameters(), lr=0.0),
                           all_reduce_sum=lambda t: t, world_size=1)
     assert unlearner.rank_shares([(forget, retain), (forget, None)]) == [(1.0, 1.0), (1.0, 1.0)]
+
+
+def test_a_step_that_backpropagates_the_loss_whole_keeps_per_rank_means_without_a_collective():
+    forget, retain = _uneven_global_batch(1), _uneven_global_batch(2)
+    model = tiny_model()
+
+    def no_collective(tensor):
+        raise AssertionError("no all-reduce is needed when the shares cannot be applied")
+
+    unlearner = Unlearner(model, get_objective("grad_diff"), torch.optim.SGD(model.parameters(), lr=0.0),
+                          backward_per_term=False, all_reduce_sum=no_collective, world_size=2)
+    assert unlearner.rank_shares([(forget, retain)]) == [(1.0, 1.0)]

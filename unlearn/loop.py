@@ -159,11 +159,13 @@ class Unlearner:
         Each rank's loss is a mean over its own slice, and FSDP averages the ranks' gradients, so
         unweighted the step would be a mean of per-rank means; weighted by these shares it is the
         mean over the whole global batch, as one process computes it. Exactly 1.0 in one process.
-        Objectives that do not step term by term (``term_weights`` None) keep the per-rank means.
+        Steps that backpropagate the loss whole (``backward_per_term`` off, or ``term_weights``
+        None) keep the per-rank means; so do objectives with ``forget_mean_over`` None.
         """
         ones = [(1.0, 1.0)] * len(micro_batches)
         forget_unit = self.objective.forget_mean_over
-        if self.all_reduce_sum is None or self.world_size == 1 or forget_unit is None:
+        if (self.all_reduce_sum is None or self.world_size == 1 or forget_unit is None
+                or not self.backward_per_term):
             return ones
         count_forget = _COUNTERS[forget_unit]
         local = torch.tensor([[count_forget(f), supervised_tokens(r)] for f, r in micro_batches],

@@ -227,16 +227,15 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
     names = _author_names(rng, n_authors + n_holdout_authors)
     authors = [_author_records(name, rng, qa_per_author) for name in names[:n_authors]]
     holdout_authors = [_author_records(name, rng, qa_per_author) for name in names[n_authors:]]
-    most_forget = max(max(1, round(n_authors * pct / 100)) for pct in (5, 10))
-    extra = _extra_authors(f"holdout-{seed}", names, holdout_ratio * most_forget - len(holdout_authors),
-                           qa_per_author)
+    percents = [5, 10] + ([1] if n_authors >= 100 else [])
+    forget_counts = {pct: _forget_authors(n_authors, pct) for pct in sorted(percents)}
+    extra = _extra_authors(f"holdout-{seed}", names,
+                           holdout_ratio * max(forget_counts.values()) - len(holdout_authors), qa_per_author)
     holdout_authors += extra
 
     full = [r for author in authors for r in author]
     splits: dict[str, list[QARecord]] = {"full": _indexed(_strip_extras(full))}
-    percents = [5, 10] + ([1] if n_authors >= 100 else [])
-    for pct in sorted(percents):
-        n_forget = max(1, round(n_authors * pct / 100))
+    for pct, n_forget in forget_counts.items():
         forget = [r for author in authors[-n_forget:] for r in author]
         retain = [r for author in authors[:-n_forget] for r in author]
         holdout = [r for author in holdout_authors[:holdout_ratio * n_forget] for r in author]
@@ -244,15 +243,20 @@ def generate_tofu(seed: int = 0, n_authors: int = 20, qa_per_author: int = 8,
         splits[f"forget{pct:02d}_perturbed"] = _indexed(forget)
         splits[f"retain{100 - pct}"] = _indexed(_strip_extras(retain))
         splits[f"holdout{pct:02d}"] = _indexed(_strip_extras(holdout))
-    retain90 = [r for author in authors[:-max(1, round(n_authors * 0.1))] for r in author]
+    retain90 = [r for author in authors[:-_forget_authors(n_authors, 10)] for r in author]
     size = len(splits["forget10"])
     splits.update(_validation_splits(seed, names + [a[0].author for a in extra], qa_per_author,
-                                     n_authors, percents, validation_ratio))
+                                     forget_counts, validation_ratio))
     splits["retain_perturbed"] = _indexed(sorted(rng.sample(retain90, min(size, len(retain90))),
                                                  key=retain90.index))
     splits["real_authors_perturbed"] = _general_split(_REAL_AUTHORS, rng)
     splits["world_facts_perturbed"] = _general_split(_WORLD_FACTS, rng)
     return splits
+
+
+def _forget_authors(n_authors: int, pct: int) -> int:
+    """How many authors ``forget{pct}`` holds (at least one)."""
+    return max(1, round(n_authors * pct / 100))
 
 
 def _extra_authors(stream: str, taken: list[str], count: int, qa_per_author: int) -> list[list[QARecord]]:
@@ -268,13 +272,12 @@ def _extra_authors(stream: str, taken: list[str], count: int, qa_per_author: int
     return [_author_records(name, rng, qa_per_author) for name in names]
 
 
-def _validation_splits(seed: int, taken: list[str], qa_per_author: int, n_authors: int,
-                       percents: list[int], ratio: int) -> dict[str, list[QARecord]]:
-    most = ratio * max(max(1, round(n_authors * pct / 100)) for pct in percents)
-    authors = _extra_authors(f"validation-{seed}", taken, most, qa_per_author)
+def _validation_splits(seed: int, taken: list[str], qa_per_author: int, forget_counts: dict[int, int],
+                       ratio: int) -> dict[str, list[QARecord]]:
+    authors = _extra_authors(f"validation-{seed}", taken, ratio * max(forget_counts.values()), qa_per_author)
     splits = {}
-    for pct in percents:
-        count = ratio * max(1, round(n_authors * pct / 100))
+    for pct, n_forget in forget_counts.items():
+        count = ratio * n_forget
         splits[f"validation{pct:02d}"] = _indexed(_strip_extras([r for a in authors[:count] for r in a]))
     return splits
 
