@@ -50,10 +50,7 @@ def main() -> None:
         holdout = judge(list(HOLDOUT_RULES), agg, before)
         retain = judge(list(RETAIN_MODEL_RULES), agg, before)
         rows.append({"model": Path(path).stem, **{k: agg.get(k) for k in COLUMNS},
-                     "holdout_gate": "pass" if holdout.passed else
-                     "FAIL: " + ", ".join(v.metric for v in holdout.failures()),
-                     "retain_model_gate": "pass" if retain.passed else
-                     "FAIL: " + ", ".join(v.metric for v in retain.failures())})
+                     "holdout_gate": holdout.brief(), "retain_model_gate": retain.brief()})
     print(format_table(list(rows[0]), [list(r.values()) for r in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

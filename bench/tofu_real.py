@@ -54,8 +54,8 @@ METHODS = {
     "palu": ["method.name=palu"],
     "egup": ["method.name=egup"],
 }
-COLUMNS = ("forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
-           "privleak", "extraction_strength", "mia_min_k_auc")
+COLUMNS = ("forget_quality", "model_utility", "forget_prob", "holdout_prob", "forget_rouge", "holdout_rouge",
+           "forget_truth_ratio", "privleak", "extraction_strength", "mia_min_k_auc")
 
 
 def stage_overrides(args, out: Path) -> list[str]:
@@ -121,12 +121,19 @@ def run_method(args, label: str, out: Path, evals: dict, parent: str) -> dict:
     before = json.loads(Path(evals["target"]).read_text())["aggregates"]
     summary = run_pipeline(cfg, str(out / "target"), reference=evals["retain"], parent_run_id=parent,
                            before=before)
-    after = summary["after"]
     steps, train_s = step_times(cfg, summary["mlflow_run_id"])
-    return {"model": label, **{k: after.get(k) for k in COLUMNS}, "steps": steps,
+    return {"model": label, **{k: summary["after"].get(k) for k in COLUMNS}, "steps": steps,
             "train_s": train_s, "seconds": summary["seconds"],
             "gate": "pass" if summary["gate"]["passed"] else "FAIL",
+            "holdout_gate": holdout_verdict(summary["after"], before),
             "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+def holdout_verdict(after: dict, before: dict) -> str:
+    """The gate a deployment without a retain model would apply (``unlearn.gate.HOLDOUT_RULES``)."""
+    from unlearn.gate import HOLDOUT_RULES, judge
+
+    return judge(list(HOLDOUT_RULES), after, before).brief()
 
 
 def step_times(cfg: Config, run_id: str) -> tuple[int, float]:
@@ -140,15 +147,18 @@ def step_times(cfg: Config, run_id: str) -> tuple[int, float]:
     return len(history), round(sum(metric.value for metric in history), 1)
 
 
-def reference_row(label: str, path: str) -> dict:
+def reference_row(label: str, path: str, before: dict) -> dict:
+    """A model evaluated before any unlearning, with the holdout gate's verdict on it: the profile
+    must pass the retain model, which never saw the forget set, and fail the finetuned target."""
     agg = json.loads(Path(path).read_text())["aggregates"]
     return {"model": label, **{k: agg.get(k) for k in COLUMNS}, "steps": None, "train_s": None,
-            "seconds": None, "gate": None, "mlflow_run_id": None}
+            "seconds": None, "gate": None, "holdout_gate": holdout_verdict(agg, before),
+            "mlflow_run_id": None}
 
 
 def table(rows: list[dict]) -> str:
     """A Markdown table (what the README prints)."""
-    header = ["model", *COLUMNS, "steps", "train_s", "seconds", "gate"]
+    header = ["model", *COLUMNS, "steps", "train_s", "seconds", "gate", "holdout_gate"]
 
     def cell(value) -> str:
         if value is None:
@@ -204,10 +214,16 @@ def report(cfg: Config, out: Path, parent: str, evals: dict, rows: list[dict]) -
     from pipelines.run import tracking_uri
     from pipelines.tune import plot_pareto
 
-    for row in rows:  # rows written before train_s was recorded
+    before = json.loads(Path(evals["target"]).read_text())["aggregates"]
+    for row in rows:  # rows written by an older version of this script
         if row.get("train_s") is None and row.get("mlflow_run_id"):
             row["steps"], row["train_s"] = step_times(cfg, row["mlflow_run_id"])
-    rows = [reference_row("retain model", evals["retain"]), reference_row("target", evals["target"]), *rows]
+        after_file = out / "methods" / row["model"] / "eval" / "after.json"
+        if "holdout_gate" not in row and after_file.is_file():
+            after = json.loads(after_file.read_text())["aggregates"]
+            row.update({k: after.get(k) for k in COLUMNS}, holdout_gate=holdout_verdict(after, before))
+    rows = [reference_row("retain model", evals["retain"], before),
+            reference_row("target", evals["target"], before), *rows]
     text = table(rows)
     print("\n" + text)
     (out / "table.md").write_text(text + "\n")

@@ -150,6 +150,10 @@ class GateResult:
     def failures(self) -> list[Verdict]:
         return [v for v in self.verdicts if not v.passed]
 
+    def brief(self) -> str:
+        """``pass``, or ``FAIL:`` and the metrics of the failed rules (a table cell)."""
+        return "pass" if self.passed else "FAIL: " + ", ".join(v.metric for v in self.failures())
+
 
 def evaluate_gate(rules: list[Rule], metrics: dict, base: dict | None = None,
                   reasons: dict | None = None) -> GateResult:
