@@ -1,6 +1,8 @@
 """train.compile: regional torch.compile of the decoder blocks, and its fallback to eager."""
 
 import logging
+import os
+import socket
 
 import pytest
 import torch
@@ -26,6 +28,40 @@ def test_compiled_blocks_with_checkpointing_follow_the_eager_run(finetuned, tmp_
             assert b[key] == pytest.approx(a[key], rel=1e-3), f"{key} at step {step}"
     assert runs["compiled"]["after"]["forget_prob"] == pytest.approx(runs["eager"]["after"]["forget_prob"],
                                                                       rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_fsdp2_follow_the_eager_sharded_model():
+    """The Ray worker's order: blocks checkpointed, sharded with ``fully_shard``, then compiled."""
+    import torch.distributed as dist
+
+    from pipelines.fsdp import shard_model
+    from unlearn.dual import DualController
+    from unlearn.loop import Unlearner, build_optimizer
+    from unlearn.objectives import get_objective
+
+    generator = torch.Generator().manual_seed(0)
+    forget, retain = (torch.randint(3, 200, (2, 10), generator=generator) for _ in range(2))
+    pair = ({"input_ids": forget, "attention_mask": torch.ones_like(forget), "labels": forget.clone()},
+            {"input_ids": retain, "attention_mask": torch.ones_like(retain), "labels": retain.clone()})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        history = {}
+        for compiled in (False, True):
+            model = shard_model(load_model("tiny", gradient_checkpointing=compiled))
+            unlearner = Unlearner(model, get_objective("pdu"), build_optimizer(model, 1e-3, 0.0),
+                                  dual=DualController(lam_0=1.0, eta_dual=10.0, eps=0.1), compile=compiled)
+            assert all((block._compiled_call_impl is not None) is compiled for block in decoder_blocks(model))
+            history[compiled] = [unlearner.step([pair]) for _ in range(4)]
+    finally:
+        dist.destroy_process_group()
+    for step, (eager, compiled) in enumerate(zip(history[False], history[True]), start=1):
+        for key in ("forget_loss", "retain_loss", "lam_next"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-3), f"{key} at step {step}"
+    assert history[True][-1]["forget_loss"] != pytest.approx(history[True][0]["forget_loss"], rel=1e-3)
 
 
 def test_compile_blocks_compiles_every_block_in_place_and_keeps_the_parameter_names():

@@ -361,9 +361,13 @@ def write_adapter(model: nn.Module, adapters: dict[str, torch.Tensor], tokenizer
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks, by the class names HF lists in ``_no_split_modules``."""
+    """The repeated transformer blocks, by the class names HF lists in ``_no_split_modules``.
+
+    The whole class hierarchy is searched: FSDP2's ``fully_shard`` swaps a block's class for a
+    subclass named ``FSDP<name>``.
+    """
     names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
     if not blocks:
         raise ValueError(f"{type(model).__name__}: no decoder blocks found "
                          f"(_no_split_modules={sorted(names)})")
