@@ -1,10 +1,12 @@
 """train.precision: bf16 autocast (fp32 master weights) against fp32, on the tiny model."""
 
+import types
+
 import pytest
 import torch
 
 from unlearn.config import build_config
-from unlearn.loop import compute_precision
+from unlearn.loop import AUTO_BF16_MIN_HIDDEN, compute_precision, resolve_precision
 from unlearn.models import load_model
 from unlearn.workflow import finetune, run_unlearning
 
@@ -42,8 +44,31 @@ def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights_and_gradients():
     assert layer.weight.dtype == layer.weight.grad.dtype == torch.float32
     with compute_precision(layer, "fp32"):
         assert layer(x).dtype == torch.float32
-    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose one of fp32, bf16"):
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose one of fp32, bf16, auto"):
         compute_precision(layer, "fp16")
+
+
+@pytest.mark.parametrize("hidden, native, expected", [
+    (AUTO_BF16_MIN_HIDDEN, True, "bf16"),
+    (AUTO_BF16_MIN_HIDDEN - 1, True, "fp32"),  # too small to gain (the tiny model: slower in bf16)
+    (AUTO_BF16_MIN_HIDDEN, False, "fp32"),  # no bf16 hardware: emulated bf16 is slower
+])
+def test_auto_precision_takes_bf16_only_for_a_large_model_on_bf16_hardware(monkeypatch, hidden, native,
+                                                                           expected):
+    import unlearn.loop as loop
+
+    monkeypatch.setattr(loop, "native_bf16", lambda device: native)
+    layer = torch.nn.Linear(8, 4)
+    layer.config = types.SimpleNamespace(hidden_size=hidden)  # what resolve_precision reads of an HF config
+    assert resolve_precision(layer, "auto") == expected
+    assert resolve_precision(layer, "fp32") == "fp32" and resolve_precision(layer, "bf16") == "bf16"
+    with compute_precision(layer, "auto"):
+        assert layer(torch.randn(3, 8)).dtype == (torch.bfloat16 if expected == "bf16" else torch.float32)
+
+
+def test_auto_precision_keeps_the_tiny_model_and_its_demo_in_fp32():
+    assert resolve_precision(load_model("tiny"), "auto") == "fp32"
+    assert build_config({}, []).train.precision == build_config({}, []).finetune.precision == "auto"
 
 
 def test_bf16_finetuning_follows_fp32():

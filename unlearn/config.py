@@ -62,9 +62,11 @@ class LoraConfig(_Strict):
                         "adapters merged in; false: the adapter folder alone (it is always written)")
 
 
-Precision = Literal["fp32", "bf16"]
-PRECISION_HELP = ("compute precision of the training forward and backward: fp32, or bf16 under "
-                  "torch.autocast with the weights, gradients and optimizer states kept in model.dtype")
+Precision = Literal["fp32", "bf16", "auto"]
+PRECISION_HELP = ("compute precision of the training forward and backward: fp32, bf16 under "
+                  "torch.autocast with the weights, gradients and optimizer states kept in model.dtype, "
+                  "or auto: bf16 for a model of hidden size >= 512 on a GPU or a CPU with native bf16 "
+                  "(avx512_bf16, AMX), fp32 otherwise")
 
 
 class ModelConfig(_Strict):
@@ -150,7 +152,7 @@ class TrainConfig(_Strict):
     loss_chunk_size: int = Field(1024, ge=1, description="supervised positions per logits chunk")
     backward_per_term: bool = Field(True, description="backward through the forget term before the "
                                     "retain forward (one batch's activations at a time; same gradients)")
-    precision: Precision = Field("fp32", description=PRECISION_HELP)
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     optimizer_states: Literal["fp32", "bf16"] = Field(
         "fp32", description="AdamW's two moment estimates stored in bf16 (stochastically rounded; "
         "half their memory) or fp32")
@@ -164,7 +166,7 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(16, ge=1)
     weight_decay: float = Field(0.0, ge=0)
-    precision: Precision = Field("fp32", description=PRECISION_HELP)
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     fused_losses: bool = Field(False, description="the chunked NLL from hidden states (no full logits; "
                                "same values to rounding; configs/*smollm2* turn it on); false: the "
                                "plain NLL on full logits, which the demo's seeds were measured with")

@@ -38,6 +38,7 @@ from unlearn.loop import (
     build_optimizer,
     build_scheduler,
     compute_precision,
+    resolve_precision,
     mean_nll,
     mean_prob,
     pair_batches,
@@ -264,6 +265,7 @@ def finetune(model, batches_for_epoch: Callable[[int], list], *, epochs: int, lr
     from unlearn.objectives.base import forward_output
 
     optimizer = build_optimizer(model, lr, weight_decay)
+    precision = resolve_precision(model, precision)
     history = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
