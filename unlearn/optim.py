@@ -21,15 +21,39 @@ import math
 import torch
 
 
+UPDATE_CHUNK = 1 << 22  # elements updated at a time (16 MB of fp32 per temporary)
+NOISE_PERIOD = 1 << 16  # the 16 bits that fp32 has beyond bf16
+_PERMUTATIONS: dict[torch.device, torch.Tensor] = {}
+
+
 def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x`` (fp32) to bf16, rounded up in magnitude with probability equal to the fraction cut.
 
     bf16 is fp32's upper 16 bits: adding a uniform random 16-bit integer to the fp32 bit pattern
     carries into the kept bits with exactly that probability, then the low bits are dropped.
+
+    The noise is a fixed permutation of all 2^16 values, rotated by one random shift per call
+    and tiled over ``x``: each element's noise is uniform over the 2^16 values (so the rounding is
+    exact in expectation), and elements 2^16 apart share it within a call. Drawing one number per
+    call instead of one per element makes the rounding ~4x faster on CPU, where the random
+    draws were most of bf16 optimizer states' cost (1.3 s a SmolLM2 step).
     """
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+    bits = x.contiguous().view(torch.int32).reshape(-1)
+    device = generator.device if generator is not None else torch.device("cpu")
+    shift = int(torch.randint(NOISE_PERIOD, (1,), generator=generator, device=device))
+    noise = _permutation(x.device).roll(shift)
+    out = torch.empty_like(bits)
+    whole = bits.numel() // NOISE_PERIOD * NOISE_PERIOD
+    torch.add(bits[:whole].view(-1, NOISE_PERIOD), noise, out=out[:whole].view(-1, NOISE_PERIOD))
+    torch.add(bits[whole:], noise[: bits.numel() - whole], out=out[whole:])
+    return out.bitwise_and_(-65536).view(torch.float32).to(torch.bfloat16).view(x.shape)
+
+
+def _permutation(device: torch.device) -> torch.Tensor:
+    if device not in _PERMUTATIONS:
+        order = torch.randperm(NOISE_PERIOD, generator=torch.Generator().manual_seed(0))
+        _PERMUTATIONS[device] = order.to(device=device, dtype=torch.int32)
+    return _PERMUTATIONS[device]
 
 
 class AdamWBf16States(torch.optim.Optimizer):
@@ -68,17 +92,26 @@ class AdamWBf16States(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
         state["step"] += 1
         step = float(state["step"])
-        # element-wise, so each rank updates its own shard
-        weights, grad = _local(param), _local(param.grad).float()
-        exp_avg = _local(state["exp_avg"]).float().lerp_(grad, 1 - beta1)
-        exp_avg_sq = _local(state["exp_avg_sq"]).float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        weights.mul_(1 - group["lr"] * group["weight_decay"])
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-        weights.addcdiv_(exp_avg.to(weights.dtype), denom.to(weights.dtype),
-                         value=-group["lr"] / (1 - beta1 ** step))
-        generator = self._generator(weights.device)
-        _local(state["exp_avg"]).copy_(round_to_bf16_stochastic(exp_avg, generator))
-        _local(state["exp_avg_sq"]).copy_(round_to_bf16_stochastic(exp_avg_sq, generator))
+        # element-wise, so each rank updates its own shard, and a chunk at a time: the fp32
+        # temporaries of a whole embedding (SmolLM2: 113 MB each) raised the step's peak memory
+        tensors = [_local(t).view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+        generator = self._generator(tensors[0].device)
+        for start in range(0, tensors[0].numel(), UPDATE_CHUNK):
+            chunk = [t[start:start + UPDATE_CHUNK] for t in tensors]
+            _adamw_chunk(*chunk, group, beta1, beta2, step, generator)
+
+
+def _adamw_chunk(weights, grad, exp_avg_bf16, exp_avg_sq_bf16, group: dict, beta1: float, beta2: float,
+                 step: float, generator: torch.Generator) -> None:
+    grad = grad.float()
+    exp_avg = exp_avg_bf16.float().lerp_(grad, 1 - beta1)
+    exp_avg_sq = exp_avg_sq_bf16.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    weights.mul_(1 - group["lr"] * group["weight_decay"])
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+    weights.addcdiv_(exp_avg.to(weights.dtype), denom.to(weights.dtype),
+                     value=-group["lr"] / (1 - beta1 ** step))
+    exp_avg_bf16.copy_(round_to_bf16_stochastic(exp_avg, generator))
+    exp_avg_sq_bf16.copy_(round_to_bf16_stochastic(exp_avg_sq, generator))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
