@@ -59,4 +59,5 @@ def test_the_shipped_configs_validate(name):
     if name == "tofu_smollm2_pdu.yaml":  # one warm-up and one threshold that fit any split size
         assert cfg.dual.warmup_epochs == 1 and cfg.dual.rho is not None and cfg.dual.eps is None
         assert cfg.finetune.fused_losses  # SmolLM2's vocabulary: no full logits while finetuning
-        assert cfg.train.precision == "bf16"
+        # bf16 wherever the hardware has it; finetuning pinned to what the README's benchmark used
+        assert cfg.train.precision == "auto" and cfg.finetune.precision == "fp32"
