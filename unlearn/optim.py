@@ -39,8 +39,7 @@ def round_to_bf16_stochastic(x: torch.Tensor, generator: torch.Generator | None 
     draws were most of bf16 optimizer states' cost (1.3 s a SmolLM2 step).
     """
     bits = x.contiguous().view(torch.int32).reshape(-1)
-    device = generator.device if generator is not None else torch.device("cpu")
-    shift = int(torch.randint(NOISE_PERIOD, (1,), generator=generator, device=device))
+    shift = int(torch.randint(NOISE_PERIOD, (1,), generator=generator))  # a host generator: no device sync
     noise = _permutation(x.device).roll(shift)
     out = torch.empty_like(bits)
     whole = bits.numel() // NOISE_PERIOD * NOISE_PERIOD
@@ -62,13 +61,8 @@ class AdamWBf16States(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, seed: int = 0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+        # only the rounding's one shift per call comes from it: on the host, whatever the device
+        self._generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,10 +89,9 @@ class AdamWBf16States(torch.optim.Optimizer):
         # element-wise, so each rank updates its own shard, and a chunk at a time: the fp32
         # temporaries of a whole embedding (SmolLM2: 113 MB each) raised the step's peak memory
         tensors = [_local(t).view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
-        generator = self._generator(tensors[0].device)
         for start in range(0, tensors[0].numel(), UPDATE_CHUNK):
             chunk = [t[start:start + UPDATE_CHUNK] for t in tensors]
-            _adamw_chunk(*chunk, group, beta1, beta2, step, generator)
+            _adamw_chunk(*chunk, group, beta1, beta2, step, self._generator)
 
 
 def _adamw_chunk(weights, grad, exp_avg_bf16, exp_avg_sq_bf16, group: dict, beta1: float, beta2: float,
