@@ -1,4 +1,5 @@
-"""Fixtures shared by the slow tests: one finetuned tiny target and retain model per session."""
+"""Fixtures shared by the tests: one finetuned tiny target and retain model per session, and a
+one-rank process group for FSDP2 in the test process."""
 
 import pytest
 
@@ -12,3 +13,21 @@ def finetuned(tmp_path_factory):
     out = tmp_path_factory.mktemp("finetuned")
     cfg = build_config({}, [f"output_dir={out}"])
     return cfg, run_finetune(cfg, progress=False), resolve_source(cfg)
+
+
+@pytest.fixture
+def single_rank_group(monkeypatch):
+    """A one-rank gloo process group, so FSDP2 runs in this process; destroyed after the test."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,8 +1,6 @@
 """train.compile: regional torch.compile of the decoder blocks, and its fallback to eager."""
 
 import logging
-import os
-import socket
 
 import pytest
 import torch
@@ -31,10 +29,8 @@ def test_compiled_blocks_with_checkpointing_follow_the_eager_run(finetuned, tmp_
 
 
 @pytest.mark.slow
-def test_compiled_blocks_under_fsdp2_follow_the_eager_sharded_model():
+def test_compiled_blocks_under_fsdp2_follow_the_eager_sharded_model(single_rank_group):
     """The Ray worker's order: blocks checkpointed, sharded with ``fully_shard``, then compiled."""
-    import torch.distributed as dist
-
     from pipelines.fsdp import shard_model
     from unlearn.dual import DualController
     from unlearn.loop import Unlearner, build_optimizer
@@ -44,20 +40,13 @@ def test_compiled_blocks_under_fsdp2_follow_the_eager_sharded_model():
     forget, retain = (torch.randint(3, 200, (2, 10), generator=generator) for _ in range(2))
     pair = ({"input_ids": forget, "attention_mask": torch.ones_like(forget), "labels": forget.clone()},
             {"input_ids": retain, "attention_mask": torch.ones_like(retain), "labels": retain.clone()})
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(sock.getsockname()[1]))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        history = {}
-        for compiled in (False, True):
-            model = shard_model(load_model("tiny", gradient_checkpointing=compiled))
-            unlearner = Unlearner(model, get_objective("pdu"), build_optimizer(model, 1e-3, 0.0),
-                                  dual=DualController(lam_0=1.0, eta_dual=10.0, eps=0.1), compile=compiled)
-            assert all((block._compiled_call_impl is not None) is compiled for block in decoder_blocks(model))
-            history[compiled] = [unlearner.step([pair]) for _ in range(4)]
-    finally:
-        dist.destroy_process_group()
+    history = {}
+    for compiled in (False, True):
+        model = shard_model(load_model("tiny", gradient_checkpointing=compiled))
+        unlearner = Unlearner(model, get_objective("pdu"), build_optimizer(model, 1e-3, 0.0),
+                              dual=DualController(lam_0=1.0, eta_dual=10.0, eps=0.1), compile=compiled)
+        assert all((block._compiled_call_impl is not None) is compiled for block in decoder_blocks(model))
+        history[compiled] = [unlearner.step([pair]) for _ in range(4)]
     for step, (eager, compiled) in enumerate(zip(history[False], history[True]), start=1):
         for key in ("forget_loss", "retain_loss", "lam_next"):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-3), f"{key} at step {step}"
