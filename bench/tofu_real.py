@@ -127,28 +127,28 @@ def parent_run_id(cfg: Config, out: Path) -> str:
     return run_id
 
 
-def run_method(args, label: str, out: Path, evals: dict, parent: str) -> dict:
+def run_method(args, label: str, out: Path, evals: dict, before: dict, parent: str) -> dict:
     from pipelines.run import run_pipeline
 
     cfg = load_config(args.config, [*stage_overrides(args, out), *METHODS[label],
                                     f"output_dir={out / 'methods' / label}",
                                     f"run_name=bench-{args.forget_split}-{label}"])
-    before = json.loads(Path(evals["target"]).read_text())["aggregates"]
     summary = run_pipeline(cfg, str(out / "target"), reference=evals["retain"], parent_run_id=parent,
                            before=before)
     steps, train_s = step_times(cfg, summary["mlflow_run_id"])
-    return {"model": label, **{k: summary["after"].get(k) for k in COLUMNS}, "steps": steps,
+    return {"model": label, **metric_cells(summary["after"], before), "steps": steps,
             "train_s": train_s, "seconds": summary["seconds"],
             "gate": "pass" if summary["gate"]["passed"] else "FAIL",
-            "holdout_gate": holdout_verdict(summary["after"], before),
             "mlflow_run_id": summary["mlflow_run_id"]}
 
 
-def holdout_verdict(after: dict, before: dict) -> str:
-    """The gate a deployment without a retain model would apply (``unlearn.gate.HOLDOUT_RULES``)."""
+def metric_cells(aggregates: dict, before: dict) -> dict:
+    """A row's metrics, and the verdict of the gate a deployment without a retain model would
+    apply (``unlearn.gate.HOLDOUT_RULES``, against the target as ``before``)."""
     from unlearn.gate import HOLDOUT_RULES, judge
 
-    return judge(list(HOLDOUT_RULES), after, before).brief()
+    return {**{k: aggregates.get(k) for k in COLUMNS},
+            "holdout_gate": judge(list(HOLDOUT_RULES), aggregates, before).brief()}
 
 
 def step_times(cfg: Config, run_id: str) -> tuple[int, float]:
@@ -166,9 +166,8 @@ def reference_row(label: str, path: str, before: dict) -> dict:
     """A model evaluated before any unlearning, with the holdout gate's verdict on it: the profile
     must pass the retain model, which never saw the forget set, and fail the finetuned target."""
     agg = json.loads(Path(path).read_text())["aggregates"]
-    return {"model": label, **{k: agg.get(k) for k in COLUMNS}, "steps": None, "train_s": None,
-            "seconds": None, "gate": None, "holdout_gate": holdout_verdict(agg, before),
-            "mlflow_run_id": None}
+    return {"model": label, **metric_cells(agg, before), "steps": None, "train_s": None,
+            "seconds": None, "gate": None, "mlflow_run_id": None}
 
 
 def table(rows: list[dict]) -> str:
@@ -210,6 +209,7 @@ def main() -> None:
     write_subset(Path(args.data), args.forget_split, args.retain_authors, out / "data", args.utility_rows)
     cfg = load_config(args.config, stage_overrides(args, out))
     evals = prepare(cfg, out)
+    before = json.loads(Path(evals["target"]).read_text())["aggregates"]  # the gates' "before"
     parent = parent_run_id(cfg, out)
     results_file = out / "results.json"
     done = {r["model"]: r for r in json.loads(results_file.read_text())} if results_file.is_file() else {}
@@ -218,25 +218,23 @@ def main() -> None:
             print(f"{label}: done before ({done[label]['seconds']} s), kept", flush=True)
             continue
         print(f"\n=== {label} ===", flush=True)
-        done[label] = run_method(args, label, out, evals, parent)
+        done[label] = run_method(args, label, out, evals, before, parent)
         results_file.write_text(json.dumps(list(done.values()), indent=2))
-    report(cfg, out, parent, evals, [done[label] for label in METHODS if label in done])
+    report(cfg, out, parent, evals, before, [done[label] for label in METHODS if label in done])
 
 
-def report(cfg: Config, out: Path, parent: str, evals: dict, rows: list[dict]) -> None:
+def report(cfg: Config, out: Path, parent: str, evals: dict, before: dict, rows: list[dict]) -> None:
     from mlflow import MlflowClient
 
     from pipelines.run import tracking_uri
     from pipelines.tune import plot_pareto
 
-    before = json.loads(Path(evals["target"]).read_text())["aggregates"]
     for row in rows:  # rows written by an older version of this script
         if row.get("train_s") is None and row.get("mlflow_run_id"):
             row["steps"], row["train_s"] = step_times(cfg, row["mlflow_run_id"])
         after_file = out / "methods" / row["model"] / "eval" / "after.json"
         if "holdout_gate" not in row and after_file.is_file():
-            after = json.loads(after_file.read_text())["aggregates"]
-            row.update({k: after.get(k) for k in COLUMNS}, holdout_gate=holdout_verdict(after, before))
+            row.update(metric_cells(json.loads(after_file.read_text())["aggregates"], before))
     rows = [reference_row("retain model", evals["retain"], before),
             reference_row("target", evals["target"], before), *rows]
     text = table(rows)
