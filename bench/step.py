@@ -63,7 +63,8 @@ import sys
 import time
 
 PATHS = ("plain", "fused", "fused+split", "fused+split+ckpt", "fused+split+bf16",
-         "fused+split+bf16+compile", "fused+split+bf16+bf16adam", "fused+split+bf16+bf16adam+ckpt")
+         "fused+split+bf16+compile", "fused+split+bf16+bf16adam", "fused+split+bf16+bf16adam+ckpt",
+         "fused+split+bf16+bf16weights")
 
 
 def _status_kib(field: str) -> int:
@@ -156,12 +157,15 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
     cuda = device.startswith("cuda")
     before_model_kib = 0 if cuda else _status_kib("VmRSS")
     model = bench_model(model_name, "+ckpt" in path, random_init, device)
+    if "+bf16weights" in path:
+        model.to(torch.bfloat16)
     objective = get_objective(method)
     ref = frozen_copy(model) if objective.needs_ref else None
     dual = DualController(lam_0=1.0, eta_dual=1.0, eps=1.0) if objective.uses_dual else None
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    states = "bf16" if "+bf16adam" in path else "fp32"
-    state_bytes = param_bytes * (1 if states == "bf16" else 2)  # AdamW's two moments
+    states = "bf16" if "+bf16adam" in path or "+bf16weights" in path else "fp32"
+    numel = sum(p.numel() for p in model.parameters())
+    state_bytes = 2 * numel * (2 if states == "bf16" else 4)  # AdamW's two moments
     ref_bytes = param_bytes if ref is not None else 0
     floor_kib = before_model_kib + (2 * param_bytes + state_bytes + ref_bytes) / 1024
     if fsdp:

@@ -238,6 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lora_settings,
         make_batches,
         stop_record,
+        trained_dtype,
         writes_full_model,
     )
 
@@ -264,12 +265,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Built on the meta device and sharded before any weight is read: each rank loads its shard.
     lora = lora_settings(cfg)
-    model = load_sharded(spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu,
+    dtype = trained_dtype(cfg, spec, device)
+    model = load_sharded(spec, dtype=dtype, device=device, mixed_precision=use_gpu,
                          gradient_checkpointing=cfg.model.gradient_checkpointing, lora=lora)
     ref_model = None
     if objective.needs_ref:  # LoRA: the base is the model with its adapters off, no second copy
         ref_model = AdaptersOff(model) if lora is not None else load_sharded(
-            spec, dtype=cfg.model.dtype, device=device, mixed_precision=use_gpu, frozen=True)
+            spec, dtype=dtype, device=device, mixed_precision=use_gpu, frozen=True)
 
     t = cfg.train
     stopper = build_stopper(cfg, pad, forget, stop_rows, target=loop_config.get("stop_auc"), rank=rank,

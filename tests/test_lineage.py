@@ -46,7 +46,8 @@ def requests_setup(finetuned, tmp_path_factory):
                                  "stop.enabled=false", "train.epochs=6", "eval.before=false",
                                  "eval.max_new_tokens=16", f"mlflow.tracking_uri={uri}",
                                  "registry.model_name=forgetful", 'gate.rules=["forget_prob <= 0.97"]',
-                                 *extra])
+                                 # one Ray Train worker: this checks the requests' lineage, not FSDP
+                                 "ray.num_workers=1", *extra])
 
     return make, report, MlflowClient(uri)
 

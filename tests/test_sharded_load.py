@@ -250,7 +250,8 @@ def test_a_folder_whose_weights_lack_a_parameter_fails_naming_the_model(tmp_path
         load_sharded(str(folder))
 
 
-def test_bf16_optimizer_states_are_sharded_and_resume_from_a_checkpoint(tmp_path, single_rank_group):
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])  # bf16 states; bf16 weights too
+def test_bf16_optimizer_states_are_sharded_and_resume_from_a_checkpoint(tmp_path, single_rank_group, weights):
     from torch.distributed.tensor import DTensor
 
     from pipelines.fsdp import shard_model
@@ -266,13 +267,17 @@ def test_bf16_optimizer_states_are_sharded_and_resume_from_a_checkpoint(tmp_path
         optimizer.step()
 
     def sharded():
-        model = shard_model(load_model("tiny"))
+        model = shard_model(load_model("tiny", dtype=weights))
         return model, build_optimizer(model, 1e-3, 0.01, states="bf16")
 
     model, optimizer = sharded()
+    before = {name: p.full_tensor().clone() for name, p in model.named_parameters()}
     train_step(model, optimizer)
-    state = optimizer.state[next(model.parameters())]
+    param = next(model.parameters())
+    state = optimizer.state[param]
     assert isinstance(state["exp_avg_sq"], DTensor) and state["exp_avg_sq"].dtype == torch.bfloat16
+    assert param.dtype == getattr(torch, weights) and param.grad.dtype == param.dtype
+    assert all(not torch.equal(p.full_tensor(), before[name]) for name, p in model.named_parameters())
     save_checkpoint(tmp_path, model, optimizer, {"step": 1})
     train_step(model, optimizer)
     expected = {name: p.full_tensor().clone() for name, p in model.named_parameters()}

@@ -65,8 +65,29 @@ def resolve_precision(model: nn.Module, precision: str) -> str:
     if precision != "auto":
         return precision
     hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 0
-    device = next(model.parameters()).device
-    return "bf16" if hidden >= AUTO_BF16_MIN_HIDDEN and native_bf16(device) else "fp32"
+    return auto_precision(hidden, next(model.parameters()).device)
+
+
+def auto_precision(hidden_size: int, device: torch.device) -> str:
+    """What ``auto`` means for a model of ``hidden_size`` on ``device``."""
+    return "bf16" if hidden_size >= AUTO_BF16_MIN_HIDDEN and native_bf16(device) else "fp32"
+
+
+def master_weights_dtype(master_weights: str, precision: str, model_dtype: str, hidden_size: int,
+                         device: torch.device) -> str:
+    """The dtype the trained model is loaded and kept in (``train.master_weights``): ``bf16``
+    halves its weights and gradients and the AdamW states (updates rounded stochastically,
+    ``unlearn.optim``); ``auto`` takes bf16 where the compute precision is bf16. A model.dtype
+    other than float32 is kept as it is."""
+    if master_weights not in PRECISIONS:
+        raise ValueError(f"unknown master weights {master_weights!r}; choose one of {', '.join(PRECISIONS)}")
+    if model_dtype != "float32" or master_weights == "fp32":
+        return model_dtype
+    if master_weights == "auto":
+        compute = precision if precision != "auto" else auto_precision(hidden_size, device)
+        if compute != "bf16":
+            return model_dtype
+    return "bfloat16"
 
 
 def compute_precision(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
@@ -290,7 +311,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, *,
     fused CPU kernel halves the optimizer's time (0.13 to 0.06 s a SmolLM2 step, ~1.5% of the
     step) but rounds differently (1e-7), and the demo's unlearning run, whose dual variable
     climbs to ~5e3, ended in a different place with it. ``states="bf16"``: the moment estimates
-    in bf16 (``unlearn.optim.AdamWBf16States``).
+    in bf16 (``unlearn.optim.AdamWBf16States``). bf16 weights always take that optimizer: it
+    rounds their updates stochastically, where torch's AdamW would round most of them away.
     """
     decay, no_decay = [], []
     for param in model.parameters():
@@ -298,10 +320,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, *,
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if states == "bf16":
-        return AdamWBf16States(groups, lr=lr)
-    if states != "fp32":
+    if states not in ("fp32", "bf16"):
         raise ValueError(f"unknown optimizer state precision {states!r}; choose fp32 or bf16")
+    if states == "bf16" or any(p.dtype == torch.bfloat16 for p in decay + no_decay):
+        return AdamWBf16States(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr, fused=fused_adamw_supported(decay + no_decay) or None)
 
 

@@ -314,6 +314,22 @@ def is_model_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() or is_adapter_folder(path)
 
 
+def model_hidden_size(spec: str) -> int:
+    """The hidden size in ``spec``'s config (an adapter folder: its base model's) without loading
+    any weight; 0 when the config cannot be read (``load_model`` then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        path = resolve_model_path(spec)
+        if is_adapter_folder(path):
+            from peft import PeftConfig
+
+            return model_hidden_size(PeftConfig.from_pretrained(path).base_model_name_or_path)
+        return int(getattr(AutoConfig.from_pretrained(path), "hidden_size", 0) or 0)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def is_lora_tensor(name: str) -> bool:
     """A LoRA adapter tensor's state-dict name (PEFT's ``lora_A`` / ``lora_B``)."""
     return "lora_" in name

@@ -9,9 +9,13 @@ correction)::
     theta_t = theta_{t-1} (1 - lr wd) - lr (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
 
 Writing ``m_t`` and ``v_t`` back to bf16 rounds stochastically. Round-to-nearest would lose the
-second moment's slow changes: bf16 resolves 2^-8 of a value, finer than ``1 - b2 = 1e-3``, so
-``b2 * v`` would round back to ``v`` and v would never decay. Stochastic rounding is exact in
+second moment's slow changes: bf16 resolves only 2^-8 of a value, coarser than ``1 - b2 = 1e-3``,
+so ``b2 * v`` would round back to ``v`` and v would never decay. Stochastic rounding is exact in
 expectation.
+
+bf16 weights (``train.master_weights: bf16``) are updated in fp32 and written back with the same
+stochastic rounding: an AdamW step at lr 1e-5 is 1/24 of bf16's spacing at a weight of 0.05
+(2.4e-4), so round-to-nearest would drop it every time.
 """
 
 from __future__ import annotations
@@ -61,8 +65,11 @@ class AdamWBf16States(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, seed: int = 0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        # only the rounding's one shift per call comes from it: on the host, whatever the device
-        self._generator = torch.Generator().manual_seed(seed)
+        # only the rounding's one shift per call comes from it: on the host, whatever the device.
+        # Reseeded from (seed, step, parameter) for each update, so a run resumed from a checkpoint
+        # rounds as the uninterrupted run did, with no generator state to save.
+        self._seed = seed
+        self._generator = torch.Generator()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,15 +77,17 @@ class AdamWBf16States(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        index = 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for param in group["params"]:
+                index += 1
                 if param.grad is None:
                     continue
-                self._update(param, group, beta1, beta2)
+                self._update(param, group, beta1, beta2, index)
         return loss
 
-    def _update(self, param: torch.Tensor, group: dict, beta1: float, beta2: float) -> None:
+    def _update(self, param: torch.Tensor, group: dict, beta1: float, beta2: float, index: int) -> None:
         state = self.state[param]
         if not state:  # like the parameter (a DTensor under FSDP2, so checkpoints shard the states)
             state["step"] = torch.tensor(0.0)
@@ -86,6 +95,7 @@ class AdamWBf16States(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.bfloat16)
         state["step"] += 1
         step = float(state["step"])
+        self._generator.manual_seed(hash((self._seed, int(step), index)) & (2 ** 63 - 1))
         # element-wise, so each rank updates its own shard, and a chunk at a time: the fp32
         # temporaries of a whole embedding (SmolLM2: 113 MB each) raised the step's peak memory
         tensors = [_local(t).view(-1) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
@@ -99,10 +109,12 @@ def _adamw_chunk(weights, grad, exp_avg_bf16, exp_avg_sq_bf16, group: dict, beta
     grad = grad.float()
     exp_avg = exp_avg_bf16.float().lerp_(grad, 1 - beta1)
     exp_avg_sq = exp_avg_sq_bf16.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    weights.mul_(1 - group["lr"] * group["weight_decay"])
+    updated = weights.float() if weights.dtype == torch.bfloat16 else weights
+    updated.mul_(1 - group["lr"] * group["weight_decay"])
     denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
-    weights.addcdiv_(exp_avg.to(weights.dtype), denom.to(weights.dtype),
-                     value=-group["lr"] / (1 - beta1 ** step))
+    updated.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
+    if updated is not weights:  # bf16 weights: an update below half their resolution must not vanish
+        weights.copy_(round_to_bf16_stochastic(updated, generator))
     exp_avg_bf16.copy_(round_to_bf16_stochastic(exp_avg, generator))
     exp_avg_sq_bf16.copy_(round_to_bf16_stochastic(exp_avg_sq, generator))
 

@@ -38,6 +38,7 @@ from unlearn.loop import (
     build_optimizer,
     build_scheduler,
     compute_precision,
+    master_weights_dtype,
     resolve_precision,
     mean_nll,
     mean_prob,
@@ -50,6 +51,7 @@ from unlearn.models import (
     load_model,
     load_tokenizer,
     lora_state,
+    model_hidden_size,
     resolve_device,
     resolve_model_path,
     save_model,
@@ -374,6 +376,16 @@ def lora_settings(cfg: Config) -> LoraSettings | None:
                         target_modules=tuple(lora.target_modules), init_seed=cfg.train.seed)
 
 
+def trained_dtype(cfg: Config, spec: str, device: torch.device) -> str:
+    """The dtype unlearning loads and trains ``spec`` in (``train.master_weights``)."""
+    t = cfg.train
+    dtype = master_weights_dtype(t.master_weights, t.precision, cfg.model.dtype, model_hidden_size(spec),
+                                 device)
+    if dtype != cfg.model.dtype:
+        log.info("train.master_weights %s: the model trains in %s", t.master_weights, dtype)
+    return dtype
+
+
 def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str | None = None,
                    progress: bool = True, on_step: Callable[[dict], None] | None = None) -> dict:
     """Unlearn ``cfg.data.forget_split`` from ``model_path`` (default: the configured model).
@@ -396,9 +408,9 @@ def run_unlearning(cfg: Config, model_path: str | None = None, *, reference: str
     eval_forget = make_batches(forget_features, t.batch_size, pad)
     eval_retain = make_batches(retain_features, t.batch_size, pad)
 
-    model = load_model(spec, dtype=cfg.model.dtype, lora=lora_settings(cfg),
-                       gradient_checkpointing=cfg.model.gradient_checkpointing,
-                       device=resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    model = load_model(spec, dtype=trained_dtype(cfg, spec, device), lora=lora_settings(cfg),
+                       gradient_checkpointing=cfg.model.gradient_checkpointing, device=device)
     ref_model = None
     if objective.needs_ref:  # LoRA: the base is the model with its adapters off, no second copy
         ref_model = AdaptersOff(model) if cfg.model.lora is not None else frozen_copy(model)
