@@ -28,7 +28,10 @@ Paths (each adds one thing to the one before):
 - ``fused+split+bf16+compile``: and each decoder block compiled (``train.compile``, regional
   ``torch.compile``); the compilation itself happens in the warm-up step, outside the timing;
 - ``fused+split+bf16+bf16adam``: bf16 compute and AdamW's moments stored in bf16
-  (``train.optimizer_states: bf16``), and ``...+bf16adam+ckpt`` with activation checkpointing.
+  (``train.optimizer_states: bf16``), and ``...+bf16adam+ckpt`` with activation checkpointing;
+- ``fused+split+bf16+bf16weights``: bf16 compute with the weights, gradients and AdamW states in
+  bf16 (``train.master_weights: bf16``, updates rounded stochastically): the default (``auto``)
+  where the compute is bf16.
 
 On CPU the peak resident memory also counts freed memory that glibc's heap keeps (activations
 below its mmap threshold, which grows to 32 MiB); ``MALLOC_MMAP_THRESHOLD_=1048576`` in the

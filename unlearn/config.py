@@ -155,8 +155,8 @@ class TrainConfig(_Strict):
     precision: Precision = Field("auto", description=PRECISION_HELP)
     master_weights: Precision = Field(
         "auto", description="the dtype the trained weights, their gradients and AdamW states are kept "
-        "in while unlearning: fp32; bf16 (updates rounded stochastically; half the weights' and "
-        "gradients' memory and a quarter of the states'); auto: bf16 where train.precision resolves "
+        "in while unlearning: fp32; bf16 (updates rounded stochastically; half the memory of each); "
+        "auto: bf16 where train.precision resolves "
         "to bf16. Applies when model.dtype is float32")
     optimizer_states: Literal["fp32", "bf16"] = Field(
         "fp32", description="AdamW's two moment estimates stored in bf16 (stochastically rounded; "

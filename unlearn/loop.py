@@ -76,7 +76,7 @@ def auto_precision(hidden_size: int, device: torch.device) -> str:
 def master_weights_dtype(master_weights: str, precision: str, model_dtype: str, hidden_size: int,
                          device: torch.device) -> str:
     """The dtype the trained model is loaded and kept in (``train.master_weights``): ``bf16``
-    halves its weights and gradients and the AdamW states (updates rounded stochastically,
+    halves the memory of its weights, gradients and AdamW states (updates rounded stochastically,
     ``unlearn.optim``); ``auto`` takes bf16 where the compute precision is bf16. A model.dtype
     other than float32 is kept as it is."""
     if master_weights not in PRECISIONS:
