@@ -104,6 +104,9 @@ def test_master_weights_follow_the_compute_precision(monkeypatch, master, precis
 
     monkeypatch.setattr(loop, "native_bf16", lambda device: True)
     assert master_weights_dtype(master, precision, model_dtype, hidden, torch.device("cpu")) == expected
+    # a GPU keeps fp32 master weights under auto (its fused AdamW), bf16 when asked
+    on_gpu = master_weights_dtype(master, precision, model_dtype, hidden, torch.device("cuda"))
+    assert on_gpu == (model_dtype if master == "auto" else expected)
 
 
 def test_auto_precision_keeps_the_tiny_model_and_its_demo_in_fp32():

@@ -156,8 +156,8 @@ class TrainConfig(_Strict):
     master_weights: Precision = Field(
         "auto", description="the dtype the trained weights, their gradients and AdamW states are kept "
         "in while unlearning: fp32; bf16 (updates rounded stochastically; half the memory of each); "
-        "auto: bf16 where train.precision resolves "
-        "to bf16. Applies when model.dtype is float32")
+        "auto: bf16 on a CPU where train.precision resolves to bf16 (a GPU keeps fp32 and its fused "
+        "AdamW). Applies when model.dtype is float32")
     optimizer_states: Literal["fp32", "bf16"] = Field(
         "fp32", description="AdamW's two moment estimates stored in bf16 (stochastically rounded; "
         "half their memory) or fp32")
