@@ -298,7 +298,8 @@ DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
 class TuneConfig(_Strict):
     """Ray Tune search: ``search_space`` maps a tunable key to one distribution, e.g.
-    ``dual.eps: {loguniform: [0.01, 1.0]}`` or ``method.params.top_k: {choice: [0, 5, 20]}``."""
+    ``dual.eps: {loguniform: [0.01, 1.0]}`` or ``method.params.top_k: {choice: [null, 5, 20]}``
+    (null: PDU on every logit)."""
 
     num_samples: int = Field(4, ge=1)
     metric: str | None = Field(None, description="one metric to maximise; null: the two-objective "
