@@ -284,6 +284,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = make_batches(features, t.batch_size, pad)
         return [to_device(rank_slice(b, rank, world)) for b in batches if len(b["input_ids"]) >= world]
 
+    def all_rows(features):  # the same batches on every rank: under FSDP2 each forward is collective
+        return [to_device(b) for b in make_batches(features, t.batch_size, pad)]
+
     if streaming:
         from pipelines.stream import ShardStream, stream_pairs
 
@@ -332,7 +335,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if dual is not None and extra["dual"] is not None:
             dual.load_state_dict(extra["dual"])
         if isinstance(objective, EGUP) and extra.get("egup") is not None:
-            objective.load_state_dict(extra["egup"])
+            objective.state.load_state_dict(extra["egup"])
         torch.set_rng_state(extra["rng"])
         unlearner.global_step = start_step
         if rank == 0:
@@ -342,7 +345,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             initial_retain = mean_nll(model, my_rows(retain), all_reduce_sum=all_reduce_sum)
             dual.calibrate(initial_retain)
         if isinstance(objective, EGUP):
-            objective.prepare(model, retain=my_rows(retain), forget=my_rows(forget),
+            # every forget sample's starting embedding on every rank: the shuffled batches give a
+            # rank samples that another rank's slice held
+            objective.prepare(model, retain=my_rows(retain), forget=all_rows(forget),
                               proxy=my_rows(proxy) if proxy else None, all_reduce_sum=all_reduce_sum)
 
     logger = StepLogger(loop_config.get("tracking_uri"), loop_config.get("run_id"), rank)
@@ -371,7 +376,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step % every == 0 or step == total_steps:
                 extra = {"step": step, "scheduler": scheduler.state_dict(),
                          "dual": dual.state_dict() if dual is not None else None,
-                         "egup": objective.state_dict() if isinstance(objective, EGUP) else None,
+                         "egup": objective.state.state_dict() if isinstance(objective, EGUP) else None,
                          "rng": torch.get_rng_state()}
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(Path(tmp), model, optimizer, extra)

@@ -12,6 +12,7 @@ unlearn at all (the defaults' forgetting is checked over 16 epochs in test_end_t
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def uninterrupted(make_cfg):
     make, report = make_cfg
     cfg = make("two-workers")
     return cfg, run_pipeline(cfg, report["target"], reference=report["retain"])
+
+
+@pytest.mark.slow
+def test_egup_on_two_workers_has_every_forget_sample_s_starting_embedding(make_cfg):
+    """EGUP weighs each forget sample by its drift from its embedding under the starting weights.
+    Training shuffles the forget batches, so a rank meets samples that another rank's slice held
+    when those embeddings were measured (real forget01 failed at step 1 with a KeyError)."""
+    make, report = make_cfg
+    cfg = make("egup", "method.name=egup", "train.epochs=1", "stop.enabled=false", "eval.after=false",
+               "registry.model_name=null")
+    summary = run_pipeline(cfg, report["target"])
+    losses = _history(summary, "forget_loss")
+    assert [step for step, _ in losses] == [1, 2, 3, 4]  # 16 forget rows, batch 4, one epoch
+    assert all(math.isfinite(value) for _, value in losses)
 
 
 @pytest.mark.slow
