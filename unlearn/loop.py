@@ -78,7 +78,7 @@ def master_weights_dtype(master_weights: str, precision: str, model_dtype: str, 
     """The dtype the trained model is loaded and kept in (``train.master_weights``): ``bf16``
     halves the memory of its weights, gradients and AdamW states (updates rounded stochastically,
     ``unlearn.optim``); ``auto`` takes bf16 on a CPU where the compute precision is bf16, where it
-    was measured as fast at 0.65x the peak memory. A GPU keeps fp32 master weights under ``auto``:
+    was measured as fast at ~0.65x the peak memory. A GPU keeps fp32 master weights under ``auto``:
     its fused AdamW is one kernel, the stochastic rounding a loop over the parameters, and the
     step there is bound by kernel launches (not measured on a GPU). A model.dtype other than
     float32 is kept as it is."""
