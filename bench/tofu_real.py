@@ -186,21 +186,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/tofu", help="the real TOFU splits")
     parser.add_argument("--forget-split", default="forget01")
     parser.add_argument("--retain-authors", type=int, default=8)
     parser.add_argument("--utility-rows", type=int, default=40, help="rows kept of each utility split")
     parser.add_argument("--config", default=str(ROOT / "configs" / "tofu_smollm2_pdu.yaml"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
+                        help=f"of {', '.join(METHODS)} (default: all)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the "
                         "config's on CPU, 1 on CUDA)")
     parser.add_argument("--out", default=None, help="default outputs/tofu-real-<forget split>")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming")
     parser.add_argument("overrides", nargs="*", help="key.path=value config overrides for every stage")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    split_overrides_from_methods(parser, args)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if not Path(args.data).is_dir():
         sys.exit(f"error: --data {args.data} is not a folder (the real TOFU splits, ../shared/data/tofu)")
     out = Path(args.out or f"outputs/tofu-real-{args.forget_split}").resolve()
@@ -221,6 +228,16 @@ def main() -> None:
         done[label] = run_method(args, label, out, evals, before, parent)
         results_file.write_text(json.dumps(list(done.values()), indent=2))
     report(cfg, out, parent, evals, before, [done[label] for label in METHODS if label in done])
+
+
+def split_overrides_from_methods(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--methods npo grad_diff train.lr=4e-5``: argparse hands the overrides to ``--methods``;
+    give them back to ``overrides``, and refuse what is neither a method nor an override."""
+    args.overrides = [item for item in args.methods if "=" in item] + args.overrides
+    args.methods = [item for item in args.methods if "=" not in item]
+    unknown = [item for item in args.methods if item not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods: {', '.join(unknown) or 'none given'}: choose from {', '.join(METHODS)}")
 
 
 def report(cfg: Config, out: Path, parent: str, evals: dict, before: dict, rows: list[dict]) -> None:

@@ -1,0 +1,35 @@
+"""The real-data benchmark's command line (its runs need ../shared and take hours: not tested here)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "tofu_real.py"
+
+
+@pytest.fixture(scope="module")
+def tofu_real():
+    spec = importlib.util.spec_from_file_location("tofu_real", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overrides_after_the_methods_are_overrides_not_methods(tofu_real):
+    args = tofu_real.parse_args(["--methods", "npo", "grad_diff", "train.lr=4e-5", "dual.rho=0.3"])
+    assert args.methods == ["npo", "grad_diff"]
+    assert args.overrides == ["train.lr=4e-5", "dual.rho=0.3"]
+    args = tofu_real.parse_args(["train.lr=4e-5", "--methods", "pdu"])
+    assert (args.methods, args.overrides) == (["pdu"], ["train.lr=4e-5"])
+    assert tofu_real.parse_args([]).methods == list(tofu_real.METHODS)
+
+
+@pytest.mark.parametrize("argv, named", [(["--methods", "npo", "nope"], "nope"),
+                                         (["--methods", "train.lr=4e-5"], "none given")])
+def test_an_unknown_or_missing_method_is_refused_by_name(tofu_real, argv, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tofu_real.parse_args(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert named in error and "choose from pdu, pdu_top5" in error
