@@ -211,21 +211,22 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
 def run_all(models, methods, paths, steps, batch_size, length=None, device="cpu",
             random_init=False, fsdp=False, repeats=1, data="synthetic",
             forget_split="forget10") -> list[dict]:
-    """One worker process per (model, method, path, repeat); the paths of a method alternate, so a
-    drift of the machine's speed touches every path alike. Each figure: the median over repeats."""
+    """One worker process per (model, method, path, repeat); methods and paths alternate within
+    each repeat, so a drift of the machine's speed touches every (method, path) alike (the PDU to
+    GradDiff ratio included). Each figure: the median over repeats."""
     rows = []
     for model in models:
-        for method in methods:
-            runs: dict[str, list[dict]] = {}
-            for _ in range(repeats):
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for _ in range(repeats):
+            for method in methods:
                 for path in paths:
                     if path.endswith("+ckpt") and method != "pdu":  # checkpointing costs alike
                         continue
                     row = run_worker(model, method, path, steps, batch_size, length, device,
                                      random_init, fsdp, data, forget_split)
-                    runs.setdefault(path, []).append(row)
+                    runs.setdefault((method, path), []).append(row)
                     print(f"  {model:14s} {method:10s} {path:16s} {row['step_s']:.3f} s/step", flush=True)
-            rows += [median_row(path_runs) for path_runs in runs.values()]
+        rows += [median_row(method_path_runs) for method_path_runs in runs.values()]
     return rows
 
 
