@@ -1,10 +1,16 @@
 """Fixtures shared by the tests: one finetuned tiny target and retain model per session, and a
 one-rank process group for FSDP2 in the test process."""
 
+import os
+
 import pytest
 
 from unlearn.config import build_config
 from unlearn.workflow import resolve_source, run_finetune
+
+# Ray Train's preemption watcher is one more actor process per pipeline run, and no test drains a
+# node (~2 s a run here). Set before any Ray process starts, so every one inherits it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -312,3 +312,16 @@ def test_the_wait_for_workers_becomes_rays_limit_on_start_retries(monkeypatch, w
 
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", timeout)
     assert start_retries(wait) == limit
+
+
+@pytest.mark.parametrize(("user", "expected"), [(None, "0.5"), ("3", "3")])
+def test_ray_train_polls_its_workers_every_half_second_unless_the_user_says(monkeypatch, user, expected):
+    import os
+
+    from pipelines.ray_env import TRAIN_POLL_VAR, default_train_poll_interval
+
+    monkeypatch.delenv(TRAIN_POLL_VAR, raising=False)
+    if user is not None:
+        monkeypatch.setenv(TRAIN_POLL_VAR, user)
+    default_train_poll_interval()
+    assert os.environ[TRAIN_POLL_VAR] == expected
