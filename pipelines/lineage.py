@@ -104,7 +104,8 @@ def recheck_requests(model_dir: str, cfg, reference: str | None, requests: list[
                                                 f"{request['forget_fingerprint'][:12]}...)")
             continue
         settings = replace(eval_settings(cfg), data=data, forget_split=split)
-        ref, why = _reference_on(reference, settings, out_dir / f"request{number}.reference.json")
+        ref, why = _reference_on(reference, settings, out_dir / f"request{number}.reference.json",
+                                 reuse=cfg.eval.reuse_reference)
         result = evaluate_model(model_dir, settings, reference=ref, progress=False)
         write_result(result, out_dir / f"request{number}.json")
         item["now"] = {k: result["aggregates"].get(k) for k in CHECKED}
@@ -112,7 +113,7 @@ def recheck_requests(model_dir: str, cfg, reference: str | None, requests: list[
     return items
 
 
-def _reference_on(reference: str | None, settings, output: Path):
+def _reference_on(reference: str | None, settings, output: Path, *, reuse: bool):
     """The reference for ``settings``' forget split, or None and why."""
     from unlearn.eval import EvalReference, load_reference
 
@@ -124,4 +125,4 @@ def _reference_on(reference: str | None, settings, output: Path):
             return None, (f"the reference {reference} was evaluated on {ref.forget_split}, not "
                           f"{settings.forget_split}: pass the retain model to re-check earlier requests")
         return ref, None
-    return load_reference(reference, settings, output=output), None
+    return load_reference(reference, settings, output=output, reuse=reuse), None

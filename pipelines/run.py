@@ -303,7 +303,8 @@ def reference_for(cfg: Config, reference: str | None, out: Path):
         log.warning("no eval.reference (retain model or its eval JSON): forget quality and privleak "
                     "will be reported unavailable")
         return None
-    return load_reference(source, eval_settings(cfg), output=out / "reference.json")
+    return load_reference(source, eval_settings(cfg), output=out / "reference.json",
+                          reuse=cfg.eval.reuse_reference)
 
 
 def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None = None,

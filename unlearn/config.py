@@ -186,6 +186,9 @@ class EvalConfig(_Strict):
     reference: str | None = Field(None, description="retain model (folder/spec) or its eval JSON: "
                                   "forget quality and privleak need it")
     before: bool = Field(True, description="also evaluate the model before unlearning")
+    reuse_reference: bool = Field(True, description="take a reference model's evaluation from the "
+                                  "cache while its files, the data, these settings and the evaluation "
+                                  "code are unchanged (unlearn.eval.cache)")
     after: bool = Field(True, description="evaluate the unlearned model (off only for benchmarks)")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(200, ge=1, description="TOFU generation length")

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unlearn.data import DataError
+from unlearn.eval.cache import cached_result, reference_key, store_result
 from unlearn.eval.metrics import ES_VARIANTS
 from unlearn.eval.muse import aggregate_muse, load_muse_eval_data, plan_muse
 from unlearn.eval.report import (
@@ -56,6 +57,13 @@ class EvalSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def load_eval_data(settings: EvalSettings):
+    """The records an evaluation under ``settings`` reads, validated."""
+    if settings.benchmark == "tofu":
+        return load_tofu_eval_data(settings.data, settings.forget_split, holdout_split=settings.holdout_split)
+    return load_muse_eval_data(settings.data)
+
+
 def evaluate(scorer, tokenizer, settings: EvalSettings, *, reference: EvalReference | None = None,
              model_name: str = "model") -> dict:
     """Evaluate whatever model ``scorer`` wraps; returns the result dict (see ``report``)."""
@@ -63,13 +71,11 @@ def evaluate(scorer, tokenizer, settings: EvalSettings, *, reference: EvalRefere
     forget_split = settings.forget_split if settings.benchmark == "tofu" else None
     if reference is not None:
         reference.check_matches(settings.benchmark, forget_split)
+    data = load_eval_data(settings)
     if settings.benchmark == "tofu":
-        data = load_tofu_eval_data(settings.data, settings.forget_split,
-                                   holdout_split=settings.holdout_split)
         plan = plan_tofu(data, max_new_tokens=settings.max_new_tokens)
         requests = plan.requests
     else:
-        data = load_muse_eval_data(settings.data)
         requests, slots = plan_muse(data)
     log.info("%s: %d likelihood and %d generation requests", model_name,
              sum(isinstance(r, Likelihood) for r in requests),
@@ -118,9 +124,14 @@ def evaluate_model(model_spec: str, settings: EvalSettings, *, reference: EvalRe
 
 
 def load_reference(reference: str | None, settings: EvalSettings, *, evaluate_fn=evaluate_model,
-                   output: str | Path | None = None) -> EvalReference | None:
+                   output: str | Path | None = None, reuse: bool = False) -> EvalReference | None:
     """A reference from an eval JSON, or by evaluating the given (retain) model; in the latter
-    case its evaluation is written to ``output`` so later runs can pass the JSON instead."""
+    case its evaluation is written to ``output`` so later runs can pass the JSON instead.
+
+    ``reuse``: a model folder's evaluation is kept by content (``unlearn.eval.cache``) and taken
+    from there while the folder, the data, the settings and the evaluation code are unchanged.
+    Only for ``evaluate_fn`` = :func:`evaluate_model` at its defaults (fp32, device auto).
+    """
     if reference is None:
         return None
     path = Path(reference)
@@ -128,15 +139,30 @@ def load_reference(reference: str | None, settings: EvalSettings, *, evaluate_fn
         if not path.is_file():
             raise DataError(f"reference {reference}: no such file")
         return EvalReference.from_file(path)
-    log.info("evaluating the reference model %s", reference)
-    result = evaluate_fn(reference, settings)
+    key = _reference_key(path, settings) if reuse and path.is_dir() else None
+    result = cached_result(key) if key else None
+    if result is not None:
+        log.info("the reference model %s is unchanged since its evaluation %s: reused (eval.reuse_reference)",
+                 reference, key[:12])
+    else:
+        log.info("evaluating the reference model %s", reference)
+        result = evaluate_fn(reference, settings)
+        if key:
+            store_result(key, result)
     if output is not None:
         write_result(result, output)
         log.info("reference evaluation written to %s", output)
     return EvalReference.from_result(result, str(output or reference))
 
 
+def _reference_key(folder: Path, settings: EvalSettings) -> str:
+    from unlearn.models import resolve_device
+
+    return reference_key(folder, settings, load_eval_data(settings), resolve_device("auto").type)
+
+
 __all__ = [
     "BENCHMARKS", "DEFAULT_DATA", "EvalReference", "EvalSettings", "LocalScorer", "compare_table",
-    "evaluate", "evaluate_model", "format_aggregates", "load_reference", "local_scorer", "write_result",
+    "evaluate", "evaluate_model", "format_aggregates", "load_eval_data", "load_reference", "local_scorer",
+    "write_result",
 ]

@@ -1,0 +1,66 @@
+"""A reference model's evaluation, reused while nothing it depends on has changed."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from unlearn.eval import EvalSettings, evaluate_model, load_reference
+from unlearn.models import load_model
+
+
+@pytest.fixture
+def counted(finetuned, tmp_path, monkeypatch):
+    """``(load, calls, retain folder, settings)``: ``load`` evaluates through a counting wrapper
+    with the cache in ``tmp_path``."""
+    _, report, source = finetuned
+    monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def evaluate(spec, settings):
+        calls.append(spec)
+        return evaluate_model(spec, settings, progress=False)
+
+    def load(model, settings, output, reuse=True):
+        return load_reference(model, settings, evaluate_fn=evaluate, output=tmp_path / output, reuse=reuse)
+
+    return load, calls, report["retain"], EvalSettings(data=source, max_new_tokens=8)
+
+
+def test_the_same_folder_data_and_settings_are_evaluated_once(counted, tmp_path):
+    load, calls, retain, settings = counted
+    first, again = load(retain, settings, "first.json"), load(retain, settings, "again.json")
+    assert calls == [retain]
+    assert again.truth_ratios == first.truth_ratios and again.mia_auc == first.mia_auc
+    assert again.origin == str(tmp_path / "again.json")  # the run's own copy, as without the cache
+    written = [json.loads((tmp_path / name).read_text()) for name in ("first.json", "again.json")]
+    assert written[0] == written[1]
+    load(retain, settings, "off.json", reuse=False)
+    assert len(calls) == 2
+
+
+def test_changed_settings_weights_or_data_are_evaluated_again(counted, tmp_path):
+    load, calls, retain, settings = counted
+    load(retain, settings, "a.json")
+    load(retain, replace(settings, max_new_tokens=9), "b.json")
+    assert len(calls) == 2
+
+    edited = tmp_path / "edited"  # the same model with one weight nudged
+    shutil.copytree(retain, edited)
+    model = load_model(retain)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    model.save_pretrained(edited)
+    load(str(edited), settings, "c.json")
+    assert calls[-1] == str(edited) and len(calls) == 3
+
+    data = tmp_path / "data"  # the same data with one forget answer changed
+    shutil.copytree(settings.data, data)
+    forget = data / f"{settings.forget_split}.json"
+    rows = json.loads(forget.read_text())
+    rows[0]["answer"] += " Indeed."
+    forget.write_text(json.dumps(rows))
+    load(retain, replace(settings, data=str(data)), "d.json")
+    assert len(calls) == 4
