@@ -1,10 +1,10 @@
 """Ray Data, deterministic mode: forget / retain (/ proxy) records -> tokenised tensor rows ->
 each training worker (the streaming mode, ``data.streaming``, is ``pipelines.stream``).
 
-The driver reads and validates the records (a bad file fails before any worker starts), turns
-them into a Ray Dataset and tokenises it with ``map_batches`` tasks (the tokenizer is loaded once
-per Ray worker process). Only tensor columns leave the tokeniser (``input_ids``, ``attention_mask``,
-``labels``, PALU masks, ``sample_id``).
+The driver reads and validates the records (a bad file fails before any worker starts), tokenises
+them and puts the rows in a Ray Dataset (the streaming mode tokenises in ``map_batches`` tasks
+instead, see :func:`tokenize`). Only tensor columns leave the tokeniser (``input_ids``,
+``attention_mask``, ``labels``, PALU masks, ``sample_id``).
 
 Each worker pulls its dataset (``get_dataset_shard``) and lays the rows out in the same
 deterministic, length-bucketed global batches as the single-process path
@@ -96,14 +96,22 @@ def tokenize(dataset, tokenizer_spec: str, *, max_length: int, prefix_tokens: in
 
 def tokenized_dataset(records: Sequence, tokenizer_spec: str, *, max_length: int,
                       prefix_tokens: int | None = None):
-    """A materialised Ray Dataset of tokenised rows."""
+    """A materialised Ray Dataset of ``records`` tokenised here, on the driver.
+
+    The deterministic mode holds every record on the driver already, so tokenising them here costs
+    what one task would, without its worker process: Ray gives the CPUs' idle worker processes up
+    while the training workers run, so each run's first task paid for a new process that imports
+    transformers and loads the tokenizer (~4 s of a ~27 s tiny-model run here).
+    """
     import ray
 
-    tokenized = tokenize(ray.data.from_items(record_rows(records)), tokenizer_spec, max_length=max_length,
-                         prefix_tokens=prefix_tokens)
-    # Tokenised now, while the CPUs are free: once the training workers hold every CPU of a small
-    # cluster, a lazy tokeniser would wait for one forever.
-    return tokenized.materialize()
+    rows = record_rows(records)
+    batch = {"sample_id": np.array([row["sample_id"] for row in rows], dtype=np.int64),
+             "record": np.array([row["record"] for row in rows] + [None], dtype=object)[:-1]}
+    columns = tokenize_batch(batch, tokenizer_spec=tokenizer_spec, max_length=max_length,
+                             prefix_tokens=prefix_tokens)
+    return ray.data.from_items([{name: values[i] for name, values in columns.items()}
+                                for i in range(len(columns["sample_id"]))])
 
 
 def batch_features(batch: dict[str, np.ndarray]) -> Iterator[dict]:
