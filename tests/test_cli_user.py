@@ -16,7 +16,9 @@ import pytest
 pytest.importorskip("ray")
 
 BIN = Path(sys.executable).parent
-QUICK = ["finetune.epochs=2", "train.epochs=1", "eval.max_new_tokens=8"]
+# One Ray Train worker: the test is about paths reaching the workers; FSDP is test_pipeline's, and the
+# demo's defaults run in CI's `make demo`.
+QUICK = ["finetune.epochs=2", "train.epochs=1", "eval.max_new_tokens=8", "ray.num_workers=1"]
 
 
 def _unlearn(args, cwd, timeout=900):
@@ -44,7 +46,8 @@ def test_demo_then_run_from_a_fresh_directory_with_relative_paths(tmp_path):
     (tmp_path / "run.yaml").write_text("run_name: relative-run\noutput_dir: outputs/run\n"
                                        "data:\n  source: outputs/demo/data/tofu-seed0\n"
                                        "eval:\n  before: false\n  max_new_tokens: 8\n"
-                                       "train:\n  epochs: 1\nregistry:\n  model_name: null\n")
+                                       "train:\n  epochs: 1\nregistry:\n  model_name: null\n"
+                                       "ray:\n  num_workers: 1\n")
     printed = _unlearn(["run", "run.yaml", "--model", "outputs/demo/target",
                         "--reference", "outputs/demo/retain"], cwd=tmp_path)
     run = tmp_path / "outputs" / "run"

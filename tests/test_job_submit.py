@@ -57,7 +57,7 @@ def test_ray_job_submit_runs_the_pipeline_with_token_auth(head, tmp_path):
                "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
                "--", "unlearn", "run", "configs/tofu_tiny.yaml", "output_dir=outputs/job-test",
                "run_name=job-test", f"mlflow.tracking_uri={uri}", "train.epochs=1", "eval.before=false",
-               "eval.max_new_tokens=8"]
+               "eval.max_new_tokens=8", "ray.num_workers=1"]
     # without the token the head refuses the submission
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     no_token["RAY_AUTH_TOKEN"] = "0" * 32

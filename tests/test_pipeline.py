@@ -10,7 +10,6 @@ machine's target from forget Prob 0.975 to 0.963 only, too little to show that t
 unlearn at all (the defaults' forgetting is checked over 16 epochs in test_end_to_end).
 """
 
-import contextlib
 import json
 import math
 import time
@@ -211,20 +210,21 @@ def test_lora_on_two_fsdp2_workers_matches_one_process_and_exports_a_merged_mode
 NODE = {"num_cpus": 2, "resources": {"train_slot": 1}}  # a simulated node: room for one Train worker
 
 
-@contextlib.contextmanager
-def _two_node_cluster():
+@pytest.fixture(scope="module")
+def two_nodes():
     """A simulated cluster of two nodes, one Train worker each (a ``train_slot`` resource), one
-    storage folder; yields it and its second node. Ray adds nodes from the main thread only, so
-    the tests run the pipeline as the user does, ``unlearn run`` in its own process."""
+    storage folder, shared by the node tests (one cluster start, not two): ``{"cluster", "second"}``,
+    the second node being whichever a test added last. Ray adds nodes from the main thread only,
+    so the tests run the pipeline as the user does, ``unlearn run`` in its own process."""
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the earlier tests' single-node Ray
     cluster = Cluster(initialize_head=True, head_node_args=NODE)
     try:
-        second = cluster.add_node(**NODE)
+        nodes = {"cluster": cluster, "second": cluster.add_node(**NODE)}
         cluster.wait_for_nodes()
-        yield cluster, second
+        yield nodes
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -255,13 +255,14 @@ def _remove_at_the_held_step(cfg, run, cluster, node, log):
         assert run.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     cluster.remove_node(node)
+    ray.shutdown()  # an earlier node test's connection to the same cluster
     ray.init(address=cluster.address)
     assert ray.cluster_resources().get("train_slot") == 1  # the run cannot go on like this
 
 
 @pytest.mark.slow
 def test_a_node_lost_mid_run_is_replaced_and_the_run_ends_like_an_uninterrupted_one(make_cfg, uninterrupted,
-                                                                                   tmp_path):
+                                                                                   two_nodes, tmp_path):
     """After step 3 the last rank waits, the second node is removed, and a node comes back a few
     seconds later: the run needs both slots, so it can only end by resuming on the new node from
     the step-2 checkpoint."""
@@ -270,34 +271,35 @@ def test_a_node_lost_mid_run_is_replaced_and_the_run_ends_like_an_uninterrupted_
     cfg = make("node-lost", "ray.fail_at_step=3", "ray.fault=hold",
                "ray.resources_per_worker={train_slot: 1}")
     log = tmp_path / "run.log"
-    with _two_node_cluster() as (cluster, second):
-        run = _start_cli_run(cfg, report, cluster, log)
-        try:
-            _remove_at_the_held_step(cfg, run, cluster, second, log)
-            time.sleep(3)
-            cluster.add_node(**NODE)
-            assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
-        finally:
-            run.kill()
+    cluster = two_nodes["cluster"]
+    run = _start_cli_run(cfg, report, cluster, log)
+    try:
+        _remove_at_the_held_step(cfg, run, cluster, two_nodes["second"], log)
+        time.sleep(3)
+        two_nodes["second"] = cluster.add_node(**NODE)
+        assert run.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        run.kill()
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     _assert_ends_like(summary, clean)
 
 
 @pytest.mark.slow
-def test_a_node_that_never_comes_back_fails_the_run_after_the_wait_with_a_clear_message(make_cfg, tmp_path):
+def test_a_node_that_never_comes_back_fails_the_run_after_the_wait_with_a_clear_message(make_cfg, two_nodes,
+                                                                                        tmp_path):
     make, report = make_cfg
     cfg = make("node-gone", "ray.fail_at_step=3", "ray.fault=hold", "ray.wait_for_workers_s=10",
                "ray.resources_per_worker={train_slot: 1}", "train.epochs=1", "stop.enabled=false")
     log = tmp_path / "run.log"
-    with _two_node_cluster() as (cluster, second):
-        run = _start_cli_run(cfg, report, cluster, log, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
-        try:
-            _remove_at_the_held_step(cfg, run, cluster, second, log)
-            lost = time.monotonic()
-            assert run.wait(timeout=300) != 0
-            waited = time.monotonic() - lost
-        finally:
-            run.kill()
+    cluster = two_nodes["cluster"]
+    run = _start_cli_run(cfg, report, cluster, log, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
+    try:
+        _remove_at_the_held_step(cfg, run, cluster, two_nodes["second"], log)
+        lost = time.monotonic()
+        assert run.wait(timeout=300) != 0
+        waited = time.monotonic() - lost
+    finally:
+        run.kill()
     output = log.read_text()
     assert "could not (re)start 2 worker(s) within ray.wait_for_workers_s=10 s" in output, output[-3000:]
     assert "Traceback" not in output and "the same command resumes MLflow run" in output
