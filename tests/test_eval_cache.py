@@ -36,7 +36,14 @@ def test_the_same_folder_data_and_settings_are_evaluated_once(counted, tmp_path)
     assert again.truth_ratios == first.truth_ratios and again.mia_auc == first.mia_auc
     assert again.origin == str(tmp_path / "again.json")  # the run's own copy, as without the cache
     written = [json.loads((tmp_path / name).read_text()) for name in ("first.json", "again.json")]
-    assert written[0] == written[1]
+    assert written[1].pop("reused_evaluation") and written[0] == written[1]
+    copy = tmp_path / "copy"  # the same files in another folder: the same evaluation, named anew
+    shutil.copytree(retain, copy)
+    load(str(copy), settings, "copy.json")
+    assert calls == [retain]
+    written = json.loads((tmp_path / "copy.json").read_text())
+    assert written["model"] == str(copy) and written["reused_evaluation"]
+    assert written["per_sample"] == json.loads((tmp_path / "first.json").read_text())["per_sample"]
     load(retain, settings, "off.json", reuse=False)
     assert len(calls) == 2
 

@@ -144,6 +144,7 @@ def load_reference(reference: str | None, settings: EvalSettings, *, evaluate_fn
     if result is not None:
         log.info("the reference model %s is unchanged since its evaluation %s: reused (eval.reuse_reference)",
                  reference, key[:12])
+        result = {**result, "model": str(reference), "reused_evaluation": key}
     else:
         log.info("evaluating the reference model %s", reference)
         result = evaluate_fn(reference, settings)
