@@ -4,8 +4,9 @@ Train V2 pattern: each trial is a driver function that runs the whole pipeline (
 ``TorchTrainer``, export, evaluate) as an MLflow child run of the search's parent run. The model
 before unlearning and the reference are evaluated once, by the parent. Optuna searches either
 two objectives (maximise forget quality and model utility) or one metric. Afterwards the parent
-gets a Pareto plot and a table of every trial; the best trial (highest forget quality among those
-above the gate's utility floor) is judged by the gate and, if it passes, registered.
+gets a Pareto plot and a table of every trial with its gate verdict. The best trial that passes
+the gate (by ``tune.metric``, else forget quality) is registered; where none passes, the best above
+the gate's utility floor is judged, and turned down, on the record.
 """
 
 from __future__ import annotations
@@ -175,6 +176,32 @@ def best_trial(rows: list[dict], metric: str | None, mode: str = "max") -> dict 
     return max(scored, key=lambda r: sign * r[key])
 
 
+def choose_trial(rows: list[dict], metric: str | None, mode: str, floor: float | None) -> dict | None:
+    """The trial to register: the best of those that pass the gate (``row["gate"] == "pass"``);
+    where none does, the best above the utility floor, which the gate then turns down on the record.
+
+    Ranking by the search's metric alone picked a trial the gate refused (real TOFU: the highest
+    forget quality over-forgot to privleak -91) while a lower-ranked one might have passed.
+    """
+    done = [r for r in rows if r["status"] == "done" and r["model_uri"]]
+    passing = [r for r in done if r.get("gate") == "pass"]
+    if passing:
+        return best_trial(passing, metric, mode)
+    return best_trial([r for r in done if floor is None or (r["model_utility"] or 0) >= floor], metric, mode)
+
+
+def gate_each_trial(client, rows: list[dict], rules: list[str], before: dict | None, dst: Path) -> None:
+    """Judge every finished trial on its logged evaluation: ``row["gate"]`` is ``pass`` or
+    ``FAIL: <metrics>`` (what the table shows and :func:`choose_trial` reads)."""
+    from unlearn.gate import judge
+
+    for row in rows:
+        if row["status"] != "done" or not row["model_uri"]:
+            continue
+        evaluation = trial_evaluation(client, row, dst / row["trial"])
+        row["gate"] = judge(rules, evaluation["aggregates"], before, evaluation.get("unavailable")).brief()
+
+
 def plot_epoch_curves(grid, metric: str, epochs: int, out_file: Path) -> Path | None:
     """The metric after each epoch, one line per trial; a cross where ASHA stopped a trial."""
     import matplotlib
@@ -248,15 +275,20 @@ def parent_run(client, experiment_id: str, name: str, identity: dict[str, str]) 
                              tags={RUN_NAME_TAG: name, "unlearn.kind": "tune", **identity}).info.run_id
 
 
+def trial_evaluation(client, trial: dict, dst: Path) -> dict:
+    """A finished trial's evaluation as its run logged it, downloaded into ``dst`` (emptied first)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    return json.loads(Path(client.download_artifacts(trial["child_run_id"], "eval/after.json",
+                                                     str(dst))).read_text())
+
+
 def trial_outputs(client, trial: dict, dst: Path) -> tuple[dict, str]:
     """A finished trial's evaluation and model folder, as its run logged them (what gets registered)."""
     from pipelines.models import download_model
 
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    evaluation = json.loads(Path(client.download_artifacts(trial["child_run_id"], "eval/after.json",
-                                                           str(dst))).read_text())
+    evaluation = trial_evaluation(client, trial, dst)
     return evaluation, download_model(trial["model_uri"], dst / "model")
 
 
@@ -370,6 +402,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
 
     rows = [trial_row(result, cfg) for result in grid]
     _close_stopped_trials(client, rows)
+    gate_each_trial(client, rows, cfg.gate.rules, before, out / "trial_evals")
     (out / "tune_trials.json").write_text(json.dumps(rows, indent=2))
     client.log_artifact(parent_id, str(out / "tune_trials.json"))
     plot = plot_pareto(rows, out / "pareto.png")
@@ -380,7 +413,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     if curves:
         client.log_artifact(parent_id, str(curves))
     header = ["trial", *cfg.tune.search_space, *([metric] if metric not in (None, *OBJECTIVES) else []),
-              "forget_quality", "model_utility", "privleak", "epochs", "status"]
+              "forget_quality", "model_utility", "privleak", "epochs", "status", "gate"]
     table = format_table(header, [[r.get(h) for h in header] for r in rows])
     (out / "tune_trials.txt").write_text(table + "\n")
     client.log_artifact(parent_id, str(out / "tune_trials.txt"))
@@ -388,14 +421,14 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
     print(table)
 
     floor = utility_floor(cfg, before)
-    done = [r for r in rows if r["status"] == "done" and r["model_uri"]]
-    eligible = [r for r in done if floor is None or (r["model_utility"] or 0) >= floor] or []
-    best = best_trial(eligible, metric, mode)
+    best = choose_trial(rows, metric, mode, floor)
     registration = None
     if best is None:
-        print(f"no trial reached the utility floor {floor:.4g}: nothing to register" if floor is not None
-              else "no trial finished: nothing to register", flush=True)
+        print(f"no trial passed the gate or reached the utility floor {floor:.4g}: nothing to register"
+              if floor is not None else "no trial finished: nothing to register", flush=True)
     else:
+        if best.get("gate") != "pass":
+            print("no trial passed the gate; judging the best above the utility floor", flush=True)
         # The best trial's own configuration (the search point applied), for its config hash.
         trial_cfg = build_config(cfg.model_dump(mode="json"),
                                  [f"{k}={json.dumps(best[k])}" for k in cfg.tune.search_space])

@@ -1,5 +1,6 @@
 """Ray Tune on the tiny model: trials over rho and top_k, child runs, Pareto plot, registration."""
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,14 @@ pytest.importorskip("optuna")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from pipelines.tune import best_trial, pareto_front, run_tune, utility_floor  # noqa: E402
+from pipelines.tune import (  # noqa: E402
+    best_trial,
+    choose_trial,
+    gate_each_trial,
+    pareto_front,
+    run_tune,
+    utility_floor,
+)
 from unlearn.config import ConfigError, build_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,8 +84,9 @@ def test_tune_runs_child_trials_plots_the_pareto_front_and_registers_the_best(fi
     artifacts = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
     assert {"pareto.png", "tune_trials.json", "tune_trials.txt"} <= artifacts
     best = summary["best"]
-    assert best["forget_quality"] == max(t["forget_quality"] for t in trials
-                                         if t["model_utility"] >= summary["utility_floor"])
+    # with this gate, passing it is exactly reaching the utility floor
+    assert all((t["gate"] == "pass") == (t["model_utility"] >= summary["utility_floor"]) for t in trials)
+    assert best["forget_quality"] == max(t["forget_quality"] for t in trials if t["gate"] == "pass")
     assert summary["gate"]["passed"] and summary["registered_version"] == "1"
     version = client.get_model_version_by_alias("tuned", "challenger")
     assert version.run_id == best["child_run_id"] and version.tags["gate"] == "passed"
@@ -104,6 +113,50 @@ def test_best_trial_follows_the_metric_and_its_direction():
     assert best_trial(rows, "forget_prob", "max")["trial"] == "a"
     assert best_trial(rows, None)["trial"] == "c"
     assert best_trial([], None) is None
+
+
+def _trial(name, fq, mu, gate=None, status="done"):
+    return {"trial": name, "forget_quality": fq, "model_utility": mu, "status": status,
+            "model_uri": None if status != "done" else f"models:/m-{name}", "child_run_id": f"run-{name}",
+            **({"gate": gate} if gate else {})}
+
+
+def test_the_registered_trial_is_the_best_that_passes_the_gate_else_the_best_above_the_floor():
+    over_forgot = _trial("a", 0.77, 0.389, "FAIL: privleak")
+    passes = _trial("b", 0.58, 0.390, "pass")
+    crashed = _trial("c", 0.90, 0.5, "pass", status="error")
+    assert choose_trial([over_forgot, passes, crashed], None, "max", 0.388)["trial"] == "b"
+    # no trial passes: the best above the floor is judged (and refused) on the record
+    low = _trial("d", 0.95, 0.2, "FAIL: model_utility")
+    assert choose_trial([over_forgot, low, _trial("b", 0.58, 0.39, "FAIL: privleak")], None, "max",
+                        0.388)["trial"] == "a"
+    assert choose_trial([low], None, "max", 0.388) is None
+    # a one-metric search ranks the passing trials by its metric
+    rows = [{**_trial("e", 0.1, 0.5, "pass"), "forget_prob": 0.3},
+            {**_trial("f", 0.9, 0.5, "pass"), "forget_prob": 0.6}]
+    assert choose_trial(rows, "forget_prob", "min", None)["trial"] == "e"
+
+
+def test_each_finished_trial_is_judged_on_its_logged_evaluation(tmp_path):
+    logged = {"run-a": {"forget_quality": 0.77, "model_utility": 0.39, "privleak": -91.0},
+              "run-b": {"forget_quality": 0.58, "model_utility": 0.39, "privleak": -20.3},
+              "run-d": {"forget_quality": 0.10, "model_utility": 0.30}}
+
+    class Client:  # MlflowClient.download_artifacts: the artifact's local path
+        def download_artifacts(self, run_id, path, dst):
+            file = Path(dst) / path
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps({"aggregates": logged[run_id],
+                                        "unavailable": {"privleak": "no holdout"}}))
+            return str(file)
+
+    rows = [_trial("a", 0.77, 0.39), _trial("b", 0.58, 0.39), _trial("c", None, None, status="error"),
+            _trial("d", 0.1, 0.3)]
+    rules = ["forget_quality >= 0.05", "model_utility >= 0.95 * base.model_utility",
+             "privleak within [-25, 25]"]
+    gate_each_trial(Client(), rows, rules, {"model_utility": 0.409}, tmp_path)
+    assert [r.get("gate") for r in rows] == ["FAIL: privleak", "pass", None, "FAIL: model_utility, privleak"]
+    assert choose_trial(rows, None, "max", 0.95 * 0.409)["trial"] == "b"
 
 
 def _tune_config(tmp_path, source, overrides):
