@@ -176,6 +176,11 @@ def best_trial(rows: list[dict], metric: str | None, mode: str = "max") -> dict 
     return max(scored, key=lambda r: sign * r[key])
 
 
+def finished(row: dict) -> bool:
+    """A trial that ran to the end and logged a model (one that can be judged and registered)."""
+    return row["status"] == "done" and bool(row["model_uri"])
+
+
 def choose_trial(rows: list[dict], metric: str | None, mode: str, floor: float | None) -> dict | None:
     """The trial to register: the best of those that pass the gate (``row["gate"] == "pass"``);
     where none does, the best above the utility floor, which the gate then turns down on the record.
@@ -183,7 +188,7 @@ def choose_trial(rows: list[dict], metric: str | None, mode: str, floor: float |
     Ranking by the search's metric alone picked a trial the gate refused (real TOFU: the highest
     forget quality over-forgot to privleak -91) while a lower-ranked one might have passed.
     """
-    done = [r for r in rows if r["status"] == "done" and r["model_uri"]]
+    done = [r for r in rows if finished(r)]
     passing = [r for r in done if r.get("gate") == "pass"]
     if passing:
         return best_trial(passing, metric, mode)
@@ -195,9 +200,7 @@ def gate_each_trial(client, rows: list[dict], rules: list[str], before: dict | N
     ``FAIL: <metrics>`` (what the table shows and :func:`choose_trial` reads)."""
     from unlearn.gate import judge
 
-    for row in rows:
-        if row["status"] != "done" or not row["model_uri"]:
-            continue
+    for row in filter(finished, rows):
         evaluation = trial_evaluation(client, row, dst / row["trial"])
         row["gate"] = judge(rules, evaluation["aggregates"], before, evaluation.get("unavailable")).brief()
 
