@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,43 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> N
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one line per dataset, not a stream of progress logs
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # execution plans are not news to a user
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS") or running_local_cluster()
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env())
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver,
              configure_logging=True, logging_level=logging.WARNING, runtime_env=runtime_env())
+
+
+def running_local_cluster(timeout_s: float = 2.0) -> str | None:
+    """The address that ``ray start`` recorded on this machine, if a cluster still answers there.
+
+    Left to itself, ``ray.init()`` connects to a recorded address without asking whether anything
+    listens: after a cluster that stopped without ``ray stop`` (a crash, a killed machine) it
+    retries for minutes and fails. A dead address is passed over with a warning.
+    """
+    address = recorded_cluster_address()
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError):
+        log.warning("Ray's address file names a cluster at %s that does not answer (stopped without "
+                    "`ray stop`?); starting a local Ray instead", address)
+        return None
+    log.info("connecting to the Ray cluster that `ray start` left running at %s", address)
+    return address
+
+
+def recorded_cluster_address() -> str | None:
+    """What ``ray start`` wrote to Ray's address file (``/tmp/ray/ray_current_cluster``), if any."""
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # a private helper; should Ray move it, a local instance is started
+        return None
+    return read_ray_address() or None
 
 
 def cluster_cpus() -> int:

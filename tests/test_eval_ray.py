@@ -17,7 +17,7 @@ from unlearn.models import load_model, load_tokenizer, save_model  # noqa: E402
 def ray_local():
     if ray.is_initialized():  # another test module's local Ray (its CPU count may differ)
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
