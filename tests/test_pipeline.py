@@ -70,20 +70,6 @@ def uninterrupted(make_cfg):
 
 
 @pytest.mark.slow
-def test_egup_on_two_workers_has_every_forget_sample_s_starting_embedding(make_cfg):
-    """EGUP weighs each forget sample by its drift from its embedding under the starting weights.
-    Training shuffles the forget batches, so a rank meets samples that another rank's slice held
-    when those embeddings were measured (real forget01 failed at step 1 with a KeyError)."""
-    make, report = make_cfg
-    cfg = make("egup", "method.name=egup", "train.epochs=1", "stop.enabled=false", "eval.after=false",
-               "registry.model_name=null")
-    summary = run_pipeline(cfg, report["target"])
-    losses = _history(summary, "forget_loss")
-    assert [step for step, _ in losses] == [1, 2, 3, 4]  # 16 forget rows, batch 4, one epoch
-    assert all(math.isfinite(value) for _, value in losses)
-
-
-@pytest.mark.slow
 def test_two_fsdp2_workers_match_one_process(make_cfg, uninterrupted):
     _, report = make_cfg
     cfg, summary = uninterrupted
@@ -129,13 +115,19 @@ def test_killed_worker_resumes_and_ends_like_an_uninterrupted_run(make_cfg, unin
 
 
 @pytest.mark.slow
-def test_early_stopping_ends_every_rank_at_the_same_epoch_and_exports(make_cfg):
+def test_egup_on_two_workers_stops_every_rank_at_the_same_epoch_and_exports(make_cfg):
+    """Early stopping across ranks, with EGUP: it weighs each forget sample by its drift from its
+    embedding under the starting weights, and training shuffles the forget batches, so a rank meets
+    samples that another rank's slice held when those embeddings were measured (real forget01
+    failed at step 1 with a KeyError)."""
     # A random model: forget and never-seen records look alike (AUC near 0.5), below stop.auc.
     make, _ = make_cfg
-    summary = run_pipeline(make("stops", "stop.auc=0.95", "train.epochs=3"), "tiny")
+    summary = run_pipeline(make("stops", "method.name=egup", "stop.auc=0.95", "train.epochs=3"), "tiny")
     assert summary["stop"]["stopped_after_epochs"] == 1
     assert 0 < summary["stop"]["auc_by_epoch"]["1"] <= 0.95
-    assert [s for s, _ in _history(summary, "loss")] == [1, 2, 3, 4]  # one epoch of 4 steps
+    losses = _history(summary, "forget_loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4]  # one epoch: 16 forget rows, batch 4
+    assert all(math.isfinite(value) for _, value in losses)
     assert (Path(summary["model_dir"]) / "config.json").is_file()
 
 
