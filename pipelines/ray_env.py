@@ -55,12 +55,30 @@ def ensure_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> N
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one line per dataset, not a stream of progress logs
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # execution plans are not news to a user
-    address = os.environ.get("RAY_ADDRESS") or running_local_cluster()
+    address = named_cluster() or running_local_cluster()
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env())
         return
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=log_to_driver,
              configure_logging=True, logging_level=logging.WARNING, runtime_env=runtime_env())
+
+
+def named_cluster(timeout_s: float = 5.0) -> str | None:
+    """``RAY_ADDRESS``, refused at once when nothing answers at its ``host:port``.
+
+    Ray would retry a dead address for minutes before failing. Addresses without a port to try
+    (``auto``, ``local``, other schemes) go to Ray as they are.
+    """
+    from pipelines.errors import PipelineError
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        return None
+    target = address.removeprefix("ray://")
+    if ":" in target and "://" not in target and not answers(target, timeout_s):
+        raise PipelineError(f"RAY_ADDRESS={address}: no Ray cluster answers there (is it up, and is the "
+                            "port right?); unset RAY_ADDRESS to run on a local Ray")
+    return address
 
 
 def running_local_cluster(timeout_s: float = 2.0) -> str | None:
@@ -73,16 +91,22 @@ def running_local_cluster(timeout_s: float = 2.0) -> str | None:
     address = recorded_cluster_address()
     if not address:
         return None
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError):
+    if not answers(address, timeout_s):
         log.warning("Ray's address file names a cluster at %s that does not answer (stopped without "
                     "`ray stop`?); starting a local Ray instead", address)
         return None
     log.info("connecting to the Ray cluster that `ray start` left running at %s", address)
     return address
+
+
+def answers(address: str, timeout_s: float) -> bool:
+    """Whether anything accepts a TCP connection at ``host:port`` (``[v6]:port`` too)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def recorded_cluster_address() -> str | None:

@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipelines.errors import PipelineError
 from unlearn.config import Config, ConfigError
 from unlearn.data import DataError
 from unlearn.gate import format_gate
@@ -28,10 +29,6 @@ from unlearn.models import ModelLoadError
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "unlearn.run_name"
-
-
-class PipelineError(RuntimeError):
-    """A problem found before the run started (resources, MLflow, unsupported option)."""
 
 
 # --------------------------------------------------------------------------- checks

@@ -1,15 +1,22 @@
-"""Which Ray a command joins: the address that ``ray start`` left on this machine only while a
-cluster answers there, else a local instance of its own."""
+"""Which Ray a command joins: ``RAY_ADDRESS`` (refused at once when dead), else the address that
+``ray start`` left on this machine only while a cluster answers there, else a local instance."""
 
 import logging
+import os
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from pipelines import ray_env  # noqa: E402
+from pipelines.errors import PipelineError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -81,6 +88,43 @@ def test_ensure_ray_joins_a_running_cluster_without_sizing_it(address_file, list
 
 def test_ray_address_wins_over_the_address_file(address_file, listening, init_calls, monkeypatch):
     address_file.write_text(listening)
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    with other:
+        named = f"ray://127.0.0.1:{other.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", named)
+        ray_env.ensure_ray()
+    assert init_calls[0]["address"] == named
+
+
+def test_a_dead_ray_address_is_refused_at_once_naming_it(monkeypatch, init_calls):
+    dead = f"127.0.0.1:{closed_port()}"
+    for address in (dead, f"ray://{dead}"):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        started = time.perf_counter()
+        with pytest.raises(PipelineError, match=f"RAY_ADDRESS={address}: no Ray cluster answers there"):
+            ray_env.ensure_ray()
+        assert time.perf_counter() - started < 2
+    assert init_calls == []
+
+
+@pytest.mark.parametrize("address", ["auto", "local", "http://127.0.0.1:1"])
+def test_addresses_without_a_port_to_try_go_to_ray_as_they_are(monkeypatch, init_calls, address):
+    monkeypatch.setenv("RAY_ADDRESS", address)
     ray_env.ensure_ray()
-    assert init_calls[0]["address"] == "ray://head:10001"
+    assert init_calls[0]["address"] == address
+
+
+def test_unlearn_run_on_a_dead_ray_address_fails_in_seconds_with_one_line(tmp_path):
+    """As a user meets it: a cluster that is down, the CLI from another directory."""
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{closed_port()}", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.perf_counter()
+    config = REPO / "configs" / "tofu_tiny.yaml"
+    done = subprocess.run([sys.executable, "-m", "unlearn.cli", "run", str(config),
+                           f"output_dir={tmp_path / 'out'}", "--model", "tiny"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "error: RAY_ADDRESS=127.0.0.1:" in done.stderr and "Traceback" not in done.stderr
+    assert time.perf_counter() - started < 60

@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline_errors() -> tuple[type[Exception], ...]:
     """Errors of the Ray pipeline that are the user's to fix (when it is importable)."""
     try:
-        from pipelines.run import PipelineError
+        from pipelines.errors import PipelineError
     except ImportError:
         return ()
     return (PipelineError,)
