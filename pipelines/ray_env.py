@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 
+from pipelines.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def named_cluster(timeout_s: float = 5.0) -> str | None:
     Ray would retry a dead address for minutes before failing. Addresses without a port to try
     (``auto``, ``local``, other schemes) go to Ray as they are.
     """
-    from pipelines.errors import PipelineError
-
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         return None

@@ -87,15 +87,10 @@ def test_ensure_ray_joins_a_running_cluster_without_sizing_it(address_file, list
 
 
 def test_ray_address_wins_over_the_address_file(address_file, listening, init_calls, monkeypatch):
-    address_file.write_text(listening)
-    other = socket.socket()
-    other.bind(("127.0.0.1", 0))
-    other.listen()
-    with other:
-        named = f"ray://127.0.0.1:{other.getsockname()[1]}"
-        monkeypatch.setenv("RAY_ADDRESS", named)
-        ray_env.ensure_ray()
-    assert init_calls[0]["address"] == named
+    address_file.write_text(listening)  # a live cluster that would be joined without RAY_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://{listening}")
+    ray_env.ensure_ray()
+    assert init_calls[0]["address"] == f"ray://{listening}"
 
 
 def test_a_dead_ray_address_is_refused_at_once_naming_it(monkeypatch, init_calls):

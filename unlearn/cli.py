@@ -373,15 +373,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pipeline_errors() -> tuple[type[Exception], ...]:
-    """Errors of the Ray pipeline that are the user's to fix (when it is importable)."""
-    try:
-        from pipelines.errors import PipelineError
-    except ImportError:
-        return ()
-    return (PipelineError,)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -392,12 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-file weight-loading bars drown our own
+    from pipelines.errors import PipelineError
     from unlearn.data import DataError
     from unlearn.models import ModelLoadError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, *_pipeline_errors()) as exc:
+    except (ConfigError, DataError, ModelLoadError, PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
