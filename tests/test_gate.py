@@ -112,6 +112,25 @@ def test_cli_gate_judges_eval_jsons_from_another_directory(tmp_path):
     assert no_base.returncode == 1 and "base.model_utility is not available" in no_base.stdout
 
 
+def test_help_and_gate_answer_without_importing_torch(tmp_path):
+    """Neither loads a model, so neither pays for torch, scipy or scikit-learn (~3 s)."""
+    _eval_json(tmp_path, "a.json", {"forget_quality": 0.3, "model_utility": 0.6, "privleak": 3.0},
+               reference="retain.json")
+    code = ("import sys\n"
+            "from unlearn import cli\n"
+            "cli.build_parser().format_help()\n"
+            "codes = [cli.main(['gate', 'a.json', '--rule', 'privleak within [-5, 5]']),\n"
+            "         cli.main(['gate', 'no.json'])]\n"
+            "heavy = ('torch', 'scipy', 'sklearn', 'transformers')\n"
+            "print(codes, sorted(m for m in heavy if m in sys.modules))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.splitlines()[-1] == "[0, 2] []", done.stdout + done.stderr
+    assert "[pass] privleak within [-5, 5]" in done.stdout
+    assert "no.json: cannot read it as JSON" in done.stderr
+
+
 def test_cli_gate_rules_profile_and_bad_input(tmp_path, capsys):
     with_reference = _eval_json(tmp_path, "a.json", {"forget_quality": 0.3, "model_utility": 0.6,
                                                      "privleak": 3.0}, reference="retain.json")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -380,18 +381,36 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("matplotlib", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-file weight-loading bars drown our own
-    from pipelines.errors import PipelineError
-    from unlearn.data import DataError
-    from unlearn.models import ModelLoadError
-
+        _quiet_weight_loading()
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, PipelineError) as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _quiet_weight_loading() -> None:
+    """Turn off transformers' per-file weight-loading bars, which drown our own, without importing
+    transformers (~1 s) in commands that never load a model."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:  # read when transformers is first imported, here and in the processes started from here
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _is_user_error(exc: Exception) -> bool:
+    """Whether ``exc`` ends a command with one line and exit 2 (bad input, not a bug)."""
+    from pipelines.errors import PipelineError
+    from unlearn.data import DataError
+
+    if isinstance(exc, (ConfigError, DataError, PipelineError)):
+        return True
+    models = sys.modules.get("unlearn.models")  # only a command that imported it loads a model
+    return models is not None and isinstance(exc, models.ModelLoadError)
 
 
 if __name__ == "__main__":

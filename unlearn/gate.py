@@ -22,8 +22,7 @@ import operator
 import re
 from dataclasses import asdict, dataclass
 
-from unlearn.eval.report import MUSE_HEADLINE, TOFU_HEADLINE
-from unlearn.eval.tofu import HOLDOUT_METRICS
+from unlearn.eval.report import HOLDOUT_METRICS, MUSE_HEADLINE, TOFU_HEADLINE
 
 UTILITY_PARTS = tuple(f"{split}_{part}" for split in ("retain", "real_authors", "world_facts")
                       for part in ("prob", "rouge", "truth_ratio"))

@@ -12,8 +12,20 @@ from unlearn.data.synthetic import (
     write_muse,
     write_tofu,
 )
-from unlearn.data.tokenize import (answer_text, collate, encode_qa, encode_qa_batch, encode_text,
-                                   encode_text_windows, format_prompt, prompt_ids)
+
+# Tokenisation needs torch (~2 s to import); it is imported when one of its names is first used,
+# so that reading and validating records does not pay for it.
+_TOKENIZE = ("answer_text", "collate", "encode_qa", "encode_qa_batch", "encode_text", "encode_text_windows",
+             "format_prompt", "prompt_ids")
+
+
+def __getattr__(name: str):
+    if name in _TOKENIZE:
+        from unlearn.data import tokenize
+
+        return getattr(tokenize, name)
+    raise AttributeError(f"module 'unlearn.data' has no attribute {name!r}")
+
 
 __all__ = [
     "DataError", "QARecord", "SplitNotFound", "VerbatimRecord", "answer_text", "check_overlap",

@@ -11,159 +11,25 @@ aggregates. Metric formulas: :mod:`unlearn.eval.metrics`.
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import importlib
 
-from unlearn.data import DataError
-from unlearn.eval.cache import cached_result, reference_key, store_result
-from unlearn.eval.metrics import ES_VARIANTS
-from unlearn.eval.muse import aggregate_muse, load_muse_eval_data, plan_muse
-from unlearn.eval.report import (
-    EvalReference,
-    compare_table,
-    format_aggregates,
-    write_result,
-)
-from unlearn.eval.scoring import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, Generation, Likelihood, LocalScorer
-from unlearn.eval.tofu import MAX_NEW_TOKENS, aggregate_tofu, load_tofu_eval_data, plan_tofu
-
-log = logging.getLogger(__name__)
-
-BENCHMARKS = ("tofu", "muse")
-DEFAULT_DATA = {"tofu": "locuslab/TOFU", "muse": "muse-bench/MUSE-News"}
-
-
-@dataclass
-class EvalSettings:
-    data: str
-    benchmark: str = "tofu"
-    forget_split: str = "forget10"
-    holdout_split: str | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_new_tokens: int = MAX_NEW_TOKENS
-    max_length: int = DEFAULT_MAX_LENGTH
-    extraction_strength: str = "reference"  # see unlearn.eval.metrics.extraction_strength
-
-    def __post_init__(self) -> None:
-        if self.benchmark not in BENCHMARKS:
-            raise ValueError(f"benchmark must be one of {BENCHMARKS}, got {self.benchmark!r}")
-        if self.extraction_strength not in ES_VARIANTS:
-            raise ValueError(f"extraction_strength must be one of {ES_VARIANTS}, "
-                             f"got {self.extraction_strength!r}")
-        for name in ("batch_size", "max_new_tokens", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def load_eval_data(settings: EvalSettings):
-    """The records an evaluation under ``settings`` reads, validated."""
-    if settings.benchmark == "tofu":
-        return load_tofu_eval_data(settings.data, settings.forget_split, holdout_split=settings.holdout_split)
-    return load_muse_eval_data(settings.data)
-
-
-def evaluate(scorer, tokenizer, settings: EvalSettings, *, reference: EvalReference | None = None,
-             model_name: str = "model") -> dict:
-    """Evaluate whatever model ``scorer`` wraps; returns the result dict (see ``report``)."""
-    start = time.perf_counter()
-    forget_split = settings.forget_split if settings.benchmark == "tofu" else None
-    if reference is not None:
-        reference.check_matches(settings.benchmark, forget_split)
-    data = load_eval_data(settings)
-    if settings.benchmark == "tofu":
-        plan = plan_tofu(data, max_new_tokens=settings.max_new_tokens)
-        requests = plan.requests
-    else:
-        requests, slots = plan_muse(data)
-    log.info("%s: %d likelihood and %d generation requests", model_name,
-             sum(isinstance(r, Likelihood) for r in requests),
-             sum(isinstance(r, Generation) for r in requests))
-    results = scorer.run(requests)
-    if settings.benchmark == "tofu":
-        aggregates, per_sample = aggregate_tofu(data, plan, results, reference,
-                                                es_variant=settings.extraction_strength)
-        splits = data.names
-    else:
-        aggregates, per_sample = aggregate_muse(data, slots, results, tokenizer, reference)
-        splits = {}
-    return {
-        "schema_version": 1,
-        "benchmark": settings.benchmark,
-        "model": model_name,
-        "data": settings.data,
-        "forget_split": forget_split,
-        "splits": splits,
-        "reference": reference.origin if reference is not None else None,
-        "aggregates": aggregates.values,
-        "unavailable": aggregates.reasons,
-        "per_sample": per_sample,
-        "settings": asdict(settings),
-        "requests": len(requests),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-
-
-def local_scorer(model_spec: str, settings: EvalSettings, *, dtype: str = "float32",
-                 progress: bool = True, device: str = "auto"):
-    """A single-process scorer for a model spec (see ``unlearn.models.load_model``) on ``device``
-    (``unlearn.models.resolve_device``)."""
-    from unlearn.models import load_model, load_tokenizer, resolve_device
-
-    tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, dtype=dtype, device=resolve_device(device))
-    return LocalScorer(model, tokenizer, batch_size=settings.batch_size, max_length=settings.max_length,
-                       progress=progress), tokenizer
-
-
-def evaluate_model(model_spec: str, settings: EvalSettings, *, reference: EvalReference | None = None,
-                   dtype: str = "float32", progress: bool = True, device: str = "auto") -> dict:
-    scorer, tokenizer = local_scorer(model_spec, settings, dtype=dtype, progress=progress, device=device)
-    return evaluate(scorer, tokenizer, settings, reference=reference, model_name=model_spec)
-
-
-def load_reference(reference: str | None, settings: EvalSettings, *, evaluate_fn=evaluate_model,
-                   output: str | Path | None = None, reuse: bool = False) -> EvalReference | None:
-    """A reference from an eval JSON, or by evaluating the given (retain) model; in the latter
-    case its evaluation is written to ``output`` so later runs can pass the JSON instead.
-
-    ``reuse``: a model folder's evaluation is kept by content (``unlearn.eval.cache``) and taken
-    from there while the folder, the data, the settings and the evaluation code are unchanged.
-    Only for ``evaluate_fn`` = :func:`evaluate_model` at its defaults (fp32, device auto).
-    """
-    if reference is None:
-        return None
-    path = Path(reference)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise DataError(f"reference {reference}: no such file")
-        return EvalReference.from_file(path)
-    key = _reference_key(path, settings) if reuse and path.is_dir() else None
-    result = cached_result(key) if key else None
-    if result is not None:
-        log.info("the reference model %s is unchanged since its evaluation %s: reused (eval.reuse_reference)",
-                 reference, key[:12])
-        result = {**result, "model": str(reference), "reused_evaluation": key}
-    else:
-        log.info("evaluating the reference model %s", reference)
-        result = evaluate_fn(reference, settings)
-        if key:
-            store_result(key, result)
-    if output is not None:
-        write_result(result, output)
-        log.info("reference evaluation written to %s", output)
-    return EvalReference.from_result(result, str(output or reference))
-
-
-def _reference_key(folder: Path, settings: EvalSettings) -> str:
-    from unlearn.models import resolve_device
-
-    return reference_key(folder, settings, load_eval_data(settings), resolve_device("auto").type)
-
-
+# Each name is imported from its module on first use. unlearn.eval.evaluation pulls in torch,
+# scipy and scikit-learn (~3 s), which the light modules (report, cache) and their users, such as
+# the gate and the CLI's help, do not need.
+_HOMES = {"EvalReference": "report", "compare_table": "report", "format_aggregates": "report",
+          "write_result": "report", "LocalScorer": "scoring"}
 __all__ = [
     "BENCHMARKS", "DEFAULT_DATA", "EvalReference", "EvalSettings", "LocalScorer", "compare_table",
     "evaluate", "evaluate_model", "format_aggregates", "load_eval_data", "load_reference", "local_scorer",
     "write_result",
 ]
+
+
+def __getattr__(name: str):
+    if name not in __all__:  # a submodule not imported yet, or a name the package lacks
+        raise AttributeError(f"module 'unlearn.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"unlearn.eval.{_HOMES.get(name, 'evaluation')}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -30,6 +30,11 @@ TOFU_HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rouge
                  "forget_truth_ratio", "privleak", "extraction_strength")
 MUSE_HEADLINE = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 
+#: What the holdout split gives (None without one): every membership attack's AUC, the Min-k
+#: attack's two-sided p-value, and the Prob and ROUGE of never-seen answers.
+HOLDOUT_METRICS = ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc", "mia_min_k_pvalue",
+                   "holdout_prob", "holdout_rouge")
+
 
 def headline(benchmark: str) -> tuple[str, ...]:
     """The metrics a person reads first for ``benchmark`` (tables, before/after comparisons)."""

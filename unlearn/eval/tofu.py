@@ -18,17 +18,13 @@ from dataclasses import dataclass, field
 
 from unlearn.data import DataError, QARecord, SplitNotFound, load_qa
 from unlearn.eval import metrics
-from unlearn.eval.report import Aggregates, EvalReference, mean_or_none
+from unlearn.eval.report import HOLDOUT_METRICS, Aggregates, EvalReference, mean_or_none
 from unlearn.eval.scoring import Generation, Likelihood, Request
 
 TRUTH_FIELDS = ("paraphrased_answer", "perturbed_answer")
 UTILITY_SPLITS = {"retain": "retain_perturbed", "real_authors": "real_authors_perturbed",
                   "world_facts": "world_facts_perturbed"}
 MAX_NEW_TOKENS = 200
-#: What the holdout split gives (None without one): every membership attack's AUC, the Min-k
-#: attack's two-sided p-value, and the Prob and ROUGE of never-seen answers.
-HOLDOUT_METRICS = ("mia_min_k_auc", "mia_loss_auc", "mia_zlib_auc", "mia_min_k_pvalue",
-                   "holdout_prob", "holdout_rouge")
 
 
 @dataclass
