@@ -372,7 +372,7 @@ def run_pipeline(cfg: Config, model: str | None = None, *, reference: str | None
         results["before"] = {"aggregates": before}
     elif cfg.eval.before:
         print(f"evaluating {spec} before unlearning", flush=True)
-        results["before"] = evaluate_stage(spec, cfg, ref, eval_dir, "before")
+        results["before"] = evaluate_stage(spec, cfg, ref, eval_dir, "before", reuse=cfg.eval.reuse_before)
         log_evaluation(client, run_id, "before", results["before"], eval_dir)
 
     # 3. unlearn on Ray Train

@@ -350,7 +350,7 @@ def run_tune(cfg: Config, model: str | None = None, *, reference: str | None = N
         target = driver_stop_target(cfg, data, spec, reference)
         cfg = cfg.model_copy(update={"stop": cfg.stop.model_copy(update={"auc": target})})
     print(f"evaluating {spec} before unlearning (once, for every trial)", flush=True)
-    before = evaluate_stage(spec, cfg, ref, eval_dir, "before")["aggregates"]
+    before = evaluate_stage(spec, cfg, ref, eval_dir, "before", reuse=cfg.eval.reuse_before)["aggregates"]
 
     metric, mode = cfg.tune.metric, cfg.tune.mode
     scheduler = None

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from unlearn.eval import EvalSettings, evaluate_model, load_reference
+from unlearn.eval import EvalSettings, evaluate_model, evaluate_once, load_reference
 from unlearn.models import load_model
 
 
@@ -71,3 +71,30 @@ def test_changed_settings_weights_or_data_are_evaluated_again(counted, tmp_path)
     forget.write_text(json.dumps(rows))
     load(retain, replace(settings, data=str(data)), "d.json")
     assert len(calls) == 4
+
+
+def test_the_model_before_unlearning_is_evaluated_once_per_reference(counted, finetuned, tmp_path):
+    """A re-run from the same model against the same reference values takes the stored result;
+    other reference values change forget quality and privleak, so they are evaluated again."""
+    load, _, retain, settings = counted
+    target = finetuned[1]["target"]
+    reference = load(retain, settings, "reference.json")
+    calls = []
+
+    def before(ref, reuse=True):
+        def run(model):
+            calls.append(model)
+            return evaluate_model(model, settings, reference=ref, progress=False)
+
+        return evaluate_once(target, settings, run, reuse=reuse, reference=ref)
+
+    first, again = before(reference), before(reference)
+    assert calls == [target] and again.pop("reused_evaluation") and again == first
+    assert first["aggregates"]["forget_quality"] is not None
+    moved = replace(reference, origin=str(tmp_path / "elsewhere.json"))  # the same values, another file
+    assert before(moved)["reference"] == moved.origin and len(calls) == 1
+    other = replace(reference, truth_ratios=[r * 0.5 for r in reference.truth_ratios])
+    before(other)
+    assert len(calls) == 2
+    before(reference, reuse=False)
+    assert len(calls) == 3

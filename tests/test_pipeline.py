@@ -147,10 +147,14 @@ def test_unreachable_mlflow_fails_before_training(make_cfg):
 def test_rerunning_a_failed_run_resumes_it_from_its_checkpoint(make_cfg, uninterrupted):
     make, report = make_cfg
     _, clean = uninterrupted
-    cfg = make("rerun", "ray.fail_at_step=3", "ray.max_failures=0")
+    cfg = make("rerun", "ray.fail_at_step=3", "ray.max_failures=0", "eval.before=true")
     with pytest.raises(Exception):  # noqa: B017 - Ray's TrainingFailedError / ControllerError
         run_pipeline(cfg, report["target"], reference=report["retain"])
+    before = json.loads((Path(cfg.output_dir) / "eval" / "before.json").read_text())
     summary = run_pipeline(cfg, report["target"], reference=report["retain"])  # the same run_name
+    # the model before unlearning is unchanged: its evaluation is taken from the cache, not run again
+    again = json.loads((Path(cfg.output_dir) / "eval" / "before.json").read_text())
+    assert again.pop("reused_evaluation") and again["per_sample"] == before["per_sample"]
     client = MlflowClient(summary["mlflow_tracking_uri"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.`unlearn.run_name` = 'rerun'")

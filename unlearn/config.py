@@ -189,6 +189,9 @@ class EvalConfig(_Strict):
     reuse_reference: bool = Field(True, description="take a reference model's evaluation from the "
                                   "cache while its files, the data, these settings and the evaluation "
                                   "code are unchanged (unlearn.eval.cache)")
+    reuse_before: bool = Field(True, description="take the evaluation of the model before unlearning "
+                               "from the cache while its files, the data, the reference, these settings "
+                               "and the evaluation code are unchanged (unlearn.eval.cache)")
     after: bool = Field(True, description="evaluate the unlearned model (off only for benchmarks)")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(200, ge=1, description="TOFU generation length")

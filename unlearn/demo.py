@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from unlearn.config import Config
-from unlearn.eval import EvalReference, EvalSettings, compare_table, evaluate_model, write_result
+from unlearn.eval import (EvalReference, EvalSettings, compare_table, evaluate_model, evaluate_once,
+                          write_result)
 from unlearn.eval.report import headline
 from unlearn.report import format_table, plot_dual_dynamics, stop_line
 from unlearn.workflow import resolve_source, run_finetune, run_unlearning
@@ -25,9 +26,16 @@ def eval_settings(cfg: Config) -> EvalSettings:
                         max_length=cfg.eval.max_length, extraction_strength=cfg.eval.extraction_strength)
 
 
-def evaluate_stage(spec: str, cfg: Config, reference: EvalReference | None, out: Path, name: str) -> dict:
-    """Evaluate one model with the config's settings and write ``out/<name>.json``."""
-    result = evaluate_model(spec, eval_settings(cfg), reference=reference, progress=False, device=cfg.device)
+def evaluate_stage(spec: str, cfg: Config, reference: EvalReference | None, out: Path, name: str, *,
+                   reuse: bool = False) -> dict:
+    """Evaluate one model with the config's settings and write ``out/<name>.json``; ``reuse``
+    takes a model folder's unchanged evaluation from the cache (``unlearn.eval.evaluate_once``)."""
+    settings = eval_settings(cfg)
+
+    def run(model: str) -> dict:
+        return evaluate_model(model, settings, reference=reference, progress=False, device=cfg.device)
+
+    result = evaluate_once(spec, settings, run, reuse=reuse, reference=reference, device=cfg.device)
     write_result(result, out / f"{name}.json")
     return result
 

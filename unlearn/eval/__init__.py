@@ -20,8 +20,8 @@ _HOMES = {"EvalReference": "report", "compare_table": "report", "format_aggregat
           "write_result": "report", "LocalScorer": "scoring"}
 __all__ = [
     "BENCHMARKS", "DEFAULT_DATA", "EvalReference", "EvalSettings", "LocalScorer", "compare_table",
-    "evaluate", "evaluate_model", "format_aggregates", "load_eval_data", "load_reference", "local_scorer",
-    "write_result",
+    "evaluate", "evaluate_model", "evaluate_once", "format_aggregates", "load_eval_data", "load_reference",
+    "local_scorer", "write_result",
 ]
 
 

@@ -1,9 +1,11 @@
-"""Reference evaluations kept by content, so the same retain model is evaluated once.
+"""Model evaluations kept by content, so the same model is evaluated once.
 
-A run with a retain model as its reference evaluates that model before anything else (~3.5 min
-for SmolLM2-135M on the real forget01 on this CPU). Its result depends only on the model's files,
-the evaluation's data and settings, the device, and the code that scores and aggregates; the key
-below hashes all of them, so any change among them means a fresh evaluation, never a stale hit.
+A run evaluates its reference (the retain model) and the model before unlearning before it
+trains (~3.5 min each for SmolLM2-135M on the real forget01 on this CPU), and a re-run, a resumed
+run or the next run from the same model would do it again. A result depends only on the model's
+files, the evaluation's data and settings, the reference's values, the device, and the code that
+scores and aggregates; the key below hashes all of them, so any change among them means a fresh
+evaluation, never a stale hit.
 """
 
 from __future__ import annotations
@@ -46,13 +48,17 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def reference_key(folder: str | Path, settings, data, device: str) -> str:
+def evaluation_key(folder: str | Path, settings, data, device: str, reference=None) -> str:
     """The key of ``folder``'s evaluation under ``settings`` on ``data`` (the loaded evaluation
-    data: its repr holds every record) and ``device``."""
+    data: its repr holds every record) and ``device``, against ``reference`` (an
+    ``EvalReference``: the values forget quality and privleak are computed from) if given."""
     folder = Path(folder)
     digest = hashlib.sha256(_code_digest().encode())
     digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
     digest.update(device.encode() + repr(data).encode())
+    if reference is not None:
+        digest.update(json.dumps([reference.benchmark, reference.forget_split, reference.truth_ratios,
+                                  reference.mia_auc]).encode())
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + _file_digest(path))
     return digest.hexdigest()
@@ -61,7 +67,7 @@ def reference_key(folder: str | Path, settings, data, device: str) -> str:
 def cache_folder() -> Path:
     from unlearn.models import cache_dir
 
-    return cache_dir() / "reference-evals"
+    return cache_dir() / "evals"
 
 
 def cached_result(key: str) -> dict | None:

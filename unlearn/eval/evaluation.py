@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unlearn.data import DataError
-from unlearn.eval.cache import cached_result, reference_key, store_result
+from unlearn.eval.cache import cached_result, evaluation_key, store_result
 from unlearn.eval.metrics import ES_VARIANTS
 from unlearn.eval.muse import aggregate_muse, load_muse_eval_data, plan_muse
 from unlearn.eval.report import EvalReference, write_result
@@ -117,9 +117,8 @@ def load_reference(reference: str | None, settings: EvalSettings, *, evaluate_fn
     """A reference from an eval JSON, or by evaluating the given (retain) model; in the latter
     case its evaluation is written to ``output`` so later runs can pass the JSON instead.
 
-    ``reuse``: a model folder's evaluation is kept by content (``unlearn.eval.cache``) and taken
-    from there while the folder, the data, the settings and the evaluation code are unchanged.
-    Only for ``evaluate_fn`` = :func:`evaluate_model` at its defaults (fp32, device auto).
+    ``reuse``: a model folder's unchanged evaluation is taken from the cache (:func:`evaluate_once`);
+    only for ``evaluate_fn`` = :func:`evaluate_model` at its defaults (fp32, device auto).
     """
     if reference is None:
         return None
@@ -128,25 +127,36 @@ def load_reference(reference: str | None, settings: EvalSettings, *, evaluate_fn
         if not path.is_file():
             raise DataError(f"reference {reference}: no such file")
         return EvalReference.from_file(path)
-    key = _reference_key(path, settings) if reuse and path.is_dir() else None
-    result = cached_result(key) if key else None
-    if result is not None:
-        log.info("the reference model %s is unchanged since its evaluation %s: reused (eval.reuse_reference)",
-                 reference, key[:12])
-        result = {**result, "model": str(reference), "reused_evaluation": key}
-    else:
-        log.info("evaluating the reference model %s", reference)
-        result = evaluate_fn(reference, settings)
-        if key:
-            store_result(key, result)
+    result = evaluate_once(reference, settings, lambda spec: evaluate_fn(spec, settings), reuse=reuse)
     if output is not None:
         write_result(result, output)
         log.info("reference evaluation written to %s", output)
     return EvalReference.from_result(result, str(output or reference))
 
 
-def _reference_key(folder: Path, settings: EvalSettings) -> str:
+def evaluate_once(model: str, settings: EvalSettings, evaluate_fn, *, reuse: bool,
+                  reference: EvalReference | None = None, device: str = "auto") -> dict:
+    """``evaluate_fn(model)``, the evaluation of ``model`` under ``settings`` against ``reference``.
+
+    ``reuse``: a model folder's evaluation is kept by content (``unlearn.eval.cache``) and taken
+    from there while the folder, the data, the settings, the reference's values, the device and
+    the evaluation code are unchanged. Only for an ``evaluate_fn`` that computes in fp32 on
+    ``device``, as :func:`evaluate_model` does by default.
+    """
     from unlearn.models import resolve_device
 
-    return reference_key(folder, settings, load_eval_data(settings), resolve_device("auto").type)
-
+    path = Path(model)
+    key = None
+    if reuse and path.is_dir():
+        key = evaluation_key(path, settings, load_eval_data(settings), resolve_device(device).type,
+                             reference)
+    result = cached_result(key) if key else None
+    if result is not None:
+        log.info("%s is unchanged since its evaluation %s: reused", model, key[:12])
+        return {**result, "model": str(model), "reference": reference.origin if reference else None,
+                "reused_evaluation": key}
+    log.info("evaluating %s", model)
+    result = evaluate_fn(model)
+    if key:
+        store_result(key, result)
+    return result
