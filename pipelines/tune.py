@@ -118,13 +118,18 @@ def _trial(params: dict, setup: dict) -> None:
                   "eval.before=false", "registry.model_name=null"]
     cfg = build_config(setup["config"], overrides)
     metric = cfg.tune.metric
-    try:
-        summary = run_pipeline(cfg, setup["model"], reference=setup["reference"],
-                               parent_run_id=setup["parent_run_id"], before=setup["before"],
-                               epoch_metric=metric if cfg.tune.early_stopping else None)
-    except BaseException:
-        _mark_failed(cfg)  # the child run says FAILED; Tune records the error and goes on
-        raise
+    summary = finished_child(cfg, setup["parent_run_id"])
+    if summary is not None:
+        print(f"trial {name} had finished when the search was interrupted: its child run "
+              f"{summary['mlflow_run_id']} is reported, not run again", flush=True)
+    else:
+        try:
+            summary = run_pipeline(cfg, setup["model"], reference=setup["reference"],
+                                   parent_run_id=setup["parent_run_id"], before=setup["before"],
+                                   epoch_metric=metric if cfg.tune.early_stopping else None)
+        except BaseException:
+            _mark_failed(cfg)  # the child run says FAILED; Tune records the error and goes on
+            raise
     after = summary["after"] or {}
     report = {k: _number(after.get(k), 0.0) for k in OBJECTIVES}
     report["privleak"] = _number(after.get("privleak"))
@@ -132,6 +137,38 @@ def _trial(params: dict, setup: dict) -> None:
         report[metric] = _number(after.get(metric))
     tune.report({**report, "epochs_done": float(cfg.train.epochs), "child_run_id": summary["mlflow_run_id"],
                  "model_uri": summary["model_uri"]})
+
+
+def finished_child(cfg: Config, parent_run_id: str) -> dict | None:
+    """The summary of this trial's child run if it finished already, else None.
+
+    A search interrupted after a trial's run ended but before Tune saved the trial as ended
+    restarts that trial when it resumes; trained again, it would start a second child run (a
+    finished run is never resumed) and spend the trial's time twice.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from pipelines.run import RUN_NAME_TAG, tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], max_results=10,
+                              filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run_name}' and "
+                                            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                            "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            try:  # run_pipeline logs the summary last, before it marks the run FINISHED
+                path = client.download_artifacts(run.info.run_id, "summary.json", tmp)
+            except Exception:  # noqa: BLE001 - no summary: not a run that can be reported
+                continue
+            return json.loads(Path(path).read_text())
+    return None
 
 
 def _number(value, missing: float = float("nan")) -> float:
