@@ -57,41 +57,6 @@ def test_bad_search_spaces_fail_before_any_trial(space, message):
         build_config({}, [f"tune.search_space={space}"])
 
 
-@pytest.mark.slow
-def test_tune_runs_child_trials_plots_the_pareto_front_and_registers_the_best(finetuned, tmp_path,
-                                                                            monkeypatch):
-    _, report, source = finetuned
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # The test's own gate: this checks the search and the registration flow, not how well one
-    # epoch of unlearning works.
-    gate = 'gate.rules=["model_utility >= 0.9 * base.model_utility", "forget_quality >= 0"]'
-    cfg = build_config({}, [f"output_dir={tmp_path / 'out'}", "run_name=tune-test", f"data.source={source}",
-                            "train.epochs=1", "eval.max_new_tokens=16", f"mlflow.tracking_uri={uri}",
-                            "tune.num_samples=2", f"tune.search_space={SPACE}", "registry.model_name=tuned",
-                            ONE_WORKER, gate])
-    summary = run_tune(cfg, report["target"], reference=report["retain"])
-    trials = summary["trials"]
-    assert len(trials) == 2 and all(t["status"] == "done" for t in trials)
-    assert all(1 <= t["method.params.top_k"] and 0.5 <= t["dual.rho"] <= 3.0 for t in trials)
-    client = MlflowClient(uri)
-    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
-    assert len(children) == 2 and all("after.forget_quality" in c.data.metrics for c in children)
-    # early stopping's target, measured once on the retain model, is the same for every trial
-    targets = {c.data.params["stop.auc"] for c in children}
-    assert len(targets) == 1 and 0 < float(targets.pop()) < 1
-    artifacts = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
-    assert {"pareto.png", "tune_trials.json", "tune_trials.txt"} <= artifacts
-    best = summary["best"]
-    # with this gate, passing it is exactly reaching the utility floor
-    assert all((t["gate"] == "pass") == (t["model_utility"] >= summary["utility_floor"]) for t in trials)
-    assert best["forget_quality"] == max(t["forget_quality"] for t in trials if t["gate"] == "pass")
-    assert summary["gate"]["passed"] and summary["registered_version"] == "1"
-    version = client.get_model_version_by_alias("tuned", "challenger")
-    assert version.run_id == best["child_run_id"] and version.tags["gate"] == "passed"
-
-
 def test_asha_needs_one_metric_and_yaml_bounds_are_numbers():
     with pytest.raises(ConfigError, match="asha stops trials on one metric"):
         build_config({}, ["tune.scheduler=asha"])
@@ -159,6 +124,36 @@ def test_each_finished_trial_is_judged_on_its_logged_evaluation(tmp_path):
     assert choose_trial(rows, None, "max", 0.95 * 0.409)["trial"] == "b"
 
 
+def test_a_trial_whose_child_run_finished_is_reported_from_it_not_trained_again(tmp_path, monkeypatch):
+    """Interrupted after a trial's run ended but before Tune saved the trial as ended, a resumed
+    search restarts the trial: it takes the finished child run's summary instead of training."""
+    from pipelines.run import RUN_NAME_TAG
+    from pipelines.tune import finished_child
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts go to ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = build_config({}, [f"mlflow.tracking_uri={uri}", "run_name=search-trial_1"])
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(cfg.mlflow.experiment)
+
+    def child(parent, status, summary=None):
+        run = client.create_run(experiment, tags={RUN_NAME_TAG: cfg.run_name, "mlflow.parentRunId": parent})
+        if summary is not None:
+            (tmp_path / "summary.json").write_text(json.dumps(summary))
+            client.log_artifact(run.info.run_id, str(tmp_path / "summary.json"))
+        client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    assert finished_child(cfg, "search") is None
+    child("search", "KILLED", {"mlflow_run_id": "killed"})  # interrupted mid-run: trained again (resumed)
+    child("other-search", "FINISHED", {"mlflow_run_id": "other"})
+    child("search", "FINISHED")  # finished without its summary: nothing to report
+    assert finished_child(cfg, "search") is None
+    done = child("search", "FINISHED", {"mlflow_run_id": "done", "model_uri": "models:/m-1"})
+    assert finished_child(cfg, "search") == {"mlflow_run_id": "done", "model_uri": "models:/m-1"}
+    assert client.get_run(done).info.status == "FINISHED"
+
+
 def _tune_config(tmp_path, source, overrides):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, [f"output_dir={tmp_path / 'out'}", f"data.source={source}", "eval.max_new_tokens=16",
@@ -224,14 +219,18 @@ def test_a_crashed_trial_is_recorded_failed_and_the_search_goes_on(finetuned, tm
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_resumes_its_parent_run_and_unfinished_trials(finetuned, tmp_path):
+def test_an_interrupted_search_resumes_then_plots_gates_and_registers_its_best(finetuned, tmp_path):
     """Ctrl+C after the first trial: exit 130, the parent run stays open; the same command again
-    resumes the search (Tuner.restore) and the interrupted trial's own child run."""
+    resumes the search (Tuner.restore) and the interrupted trial's own child run. The resumed
+    search then ends as any search does: every trial a child run, the Pareto plot and trial table
+    on the parent, each trial gated, and the best passing trial registered."""
     _, report, source = finetuned
+    # The test's own gate: this checks the search and the registration flow, not how well one
+    # epoch of unlearning works.
     uri, overrides = _tune_config(tmp_path, source, [
         "run_name=resume", "train.epochs=1", "tune.num_samples=2", "ray.checkpoint_every=2",
-        'tune.search_space={"dual.rho": {"uniform": [0.5, 3.0]}}',
-        'gate.rules=["model_utility >= 0.9 * base.model_utility"]'])
+        f"tune.search_space={SPACE}", "registry.model_name=tuned",
+        'gate.rules=["model_utility >= 0.9 * base.model_utility", "forget_quality >= 0"]'])
     config = REPO / "configs" / "tofu_tiny.yaml"
     command = [sys.executable, "-m", "unlearn.cli", "tune", str(config), *overrides,
                "--model", report["target"], "--reference", report["retain"]]
@@ -273,8 +272,25 @@ def test_an_interrupted_search_resumes_its_parent_run_and_unfinished_trials(fine
     assert summary["parent_run_id"] == parents[0].info.run_id
     assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
     assert [r["status"] for r in summary["trials"]] == ["done", "done"]
-    after = {c.info.run_id: c.info.status for c in _children(client, summary["parent_run_id"])}
+    children = _children(client, summary["parent_run_id"])
+    after = {c.info.run_id: c.info.status for c in children}
     assert set(before) <= set(after) and list(after.values()) == ["FINISHED", "FINISHED"]
+
+    trials = summary["trials"]
+    assert all(1 <= t["method.params.top_k"] and 0.5 <= t["dual.rho"] <= 3.0 for t in trials)
+    assert all("after.forget_quality" in c.data.metrics for c in children)
+    # early stopping's target, measured once on the retain model, is the same for every trial
+    targets = {c.data.params["stop.auc"] for c in children}
+    assert len(targets) == 1 and 0 < float(targets.pop()) < 1
+    artifacts = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
+    assert {"pareto.png", "tune_trials.json", "tune_trials.txt"} <= artifacts
+    # with this gate, passing it is exactly reaching the utility floor
+    assert all((t["gate"] == "pass") == (t["model_utility"] >= summary["utility_floor"]) for t in trials)
+    best = summary["best"]
+    assert best["forget_quality"] == max(t["forget_quality"] for t in trials if t["gate"] == "pass")
+    assert summary["gate"]["passed"] and summary["registered_version"] == "1"
+    version = client.get_model_version_by_alias("tuned", "challenger")
+    assert version.run_id == best["child_run_id"] and version.tags["gate"] == "passed"
 
 
 @pytest.mark.slow
