@@ -44,6 +44,11 @@ def test_the_same_folder_data_and_settings_are_evaluated_once(counted, tmp_path)
     written = json.loads((tmp_path / "copy.json").read_text())
     assert written["model"] == str(copy) and written["reused_evaluation"]
     assert written["per_sample"] == json.loads((tmp_path / "first.json").read_text())["per_sample"]
+    moved = tmp_path / "moved-data"  # the same records in another folder (a run's own copy)
+    shutil.copytree(settings.data, moved)
+    load(retain, replace(settings, data=str(moved)), "moved.json")
+    assert calls == [retain]
+    assert json.loads((tmp_path / "moved.json").read_text())["data"] == str(moved)
     load(retain, settings, "off.json", reuse=False)
     assert len(calls) == 2
 
@@ -63,9 +68,9 @@ def test_changed_settings_weights_or_data_are_evaluated_again(counted, tmp_path)
     load(str(edited), settings, "c.json")
     assert calls[-1] == str(edited) and len(calls) == 3
 
-    data = tmp_path / "data"  # the same data with one forget answer changed
-    shutil.copytree(settings.data, data)
-    forget = data / f"{settings.forget_split}.json"
+    data = tmp_path / "data"  # the same data with one forget answer changed (the evaluation reads
+    shutil.copytree(settings.data, data)  # the forget records from the split with perturbations)
+    forget = data / f"{settings.forget_split}_perturbed.json"
     rows = json.loads(forget.read_text())
     rows[0]["answer"] += " Indeed."
     forget.write_text(json.dumps(rows))

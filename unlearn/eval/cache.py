@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,11 +51,14 @@ def _file_digest(path: Path) -> bytes:
 def evaluation_key(folder: str | Path, settings, data, device: str, reference=None) -> str:
     """The key of ``folder``'s evaluation under ``settings`` on ``data`` (the loaded evaluation
     data: its repr holds every record) and ``device``, against ``reference`` (an
-    ``EvalReference``: the values forget quality and privleak are computed from) if given."""
+    ``EvalReference``: the values forget quality and privleak are computed from) if given.
+
+    The data's content counts, not its folder: the same records elsewhere (each run's own copy of
+    generated data, say) give the same key."""
     folder = Path(folder)
     digest = hashlib.sha256(_code_digest().encode())
-    digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
-    digest.update(device.encode() + repr(data).encode())
+    digest.update(json.dumps({**asdict(settings), "data": None}, sort_keys=True).encode())
+    digest.update(device.encode() + repr(replace(data, source=None)).encode())
     if reference is not None:
         digest.update(json.dumps([reference.benchmark, reference.forget_split, reference.truth_ratios,
                                   reference.mia_auc]).encode())

@@ -139,9 +139,9 @@ def evaluate_once(model: str, settings: EvalSettings, evaluate_fn, *, reuse: boo
     """``evaluate_fn(model)``, the evaluation of ``model`` under ``settings`` against ``reference``.
 
     ``reuse``: a model folder's evaluation is kept by content (``unlearn.eval.cache``) and taken
-    from there while the folder, the data, the settings, the reference's values, the device and
-    the evaluation code are unchanged. Only for an ``evaluate_fn`` that computes in fp32 on
-    ``device``, as :func:`evaluate_model` does by default.
+    from there while the folder, the data's records (wherever they are), the settings, the
+    reference's values, the device and the evaluation code are unchanged. Only for an
+    ``evaluate_fn`` that computes in fp32 on ``device``, as :func:`evaluate_model` does by default.
     """
     from unlearn.models import resolve_device
 
@@ -153,8 +153,8 @@ def evaluate_once(model: str, settings: EvalSettings, evaluate_fn, *, reuse: boo
     result = cached_result(key) if key else None
     if result is not None:
         log.info("%s is unchanged since its evaluation %s: reused", model, key[:12])
-        return {**result, "model": str(model), "reference": reference.origin if reference else None,
-                "reused_evaluation": key}
+        return {**result, "model": str(model), "data": settings.data,
+                "reference": reference.origin if reference else None, "reused_evaluation": key}
     log.info("evaluating %s", model)
     result = evaluate_fn(model)
     if key:
