@@ -53,6 +53,18 @@ gathered in bf16 for compute, fp32 for the optimizer).
 ``--length N`` makes every QA pair N tokens long (answers of the synthetic set joined until the
 pair reaches N tokens, then cut to N) instead of the set's own TOFU-like lengths (~55 tokens with
 SmolLM2's chat template).
+
+Model FLOP utilisation (``mfu``): the FLOPs a step needs by the usual count (PaLM's: 6 per
+weight of every linear layer, LM head included, per token in the batches, plus 12 x layers x
+attention width x the sequence's length per token for attention; 2 and 4 of those per token for a
+frozen reference's forward), over the step time and ``--peak-tflops`` (default: an H100's or
+H200's dense bf16 peak, 989 TFLOP/s, where the GPU is one; none on CPU). Recomputation under
+checkpointing does not count, so MFU falls with it, as it should.
+``--shape llama3.2-1b`` (with ``--random-init``) swaps the model's architecture for Llama-3.2-1B's
+(hidden 2048, 16 layers, MLP 8192, 32 heads, 8 KV heads, vocab 128256, tied head) and keeps its
+tokenizer, so a GPU machine needs no weights at all:
+``bench/step.py --models tiny --random-init --shape llama3.2-1b --device cuda --fsdp
+--batch-size 32 --length 256 --methods pdu --paths fused+split+bf16``.
 """
 
 from __future__ import annotations
@@ -97,15 +109,64 @@ def long_records(records: list, tokenizer, length: int) -> list:
     return out
 
 
-def bench_model(model_name: str, checkpointing: bool, random_init: bool, device: str):
-    """The model to train: its weights, or its architecture with random weights."""
+SHAPES = {
+    "llama3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                    "vocab_size": 128256, "tie_word_embeddings": True},
+}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, per GPU
+
+
+def step_flops(model, batches: list[dict], reference_batches: list[dict] = ()) -> float:
+    """Model FLOPs of one training step over ``batches`` (forward + backward) and of a frozen
+    reference's forward over ``reference_batches``: per token 6 (2) x the linear layers' weights,
+    plus 12 (4) x layers x attention width x the sequence's length for attention."""
+    from torch import nn
+
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_width = config.num_hidden_layers * config.num_attention_heads * head_dim
+
+    def flops(batch, per_weight, per_attention):
+        lengths = batch["attention_mask"].sum(dim=1).double()
+        attention = per_attention * attention_width * (lengths ** 2).sum()
+        return float(per_weight * linear * lengths.sum() + attention)
+
+    return (sum(flops(b, 6, 12) for b in batches)
+            + sum(flops(b, 2, 4) for b in reference_batches))
+
+
+def device_peak_tflops(device: str, given: float | None) -> float | None:
+    """``given``, else the dense bf16 peak of a known GPU (None on CPU or an unknown GPU)."""
+    if given or not device.startswith("cuda"):
+        return given
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((peak for gpu, peak in PEAK_BF16_TFLOPS.items() if gpu in name), None)
+
+
+def shaped_config(model_folder: str, shape: str | None = None):
+    """The model's config, its architecture replaced by ``shape``'s where one is named."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_folder)
+    for key, value in SHAPES[shape].items() if shape else ():
+        setattr(config, key, value)
+    return config
+
+
+def bench_model(model_name: str, checkpointing: bool, random_init: bool, device: str,
+                shape: str | None = None):
+    """The model to train: its weights, or its architecture (or ``shape``'s) with random weights."""
     from unlearn.models import enable_gradient_checkpointing, load_model, resolve_model_path
 
     if not random_init:
         return load_model(model_name, gradient_checkpointing=checkpointing, device=device)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model_name)))
+    model = AutoModelForCausalLM.from_config(shaped_config(resolve_model_path(model_name), shape))
     model.to(device)
     if checkpointing:
         enable_gradient_checkpointing(model)
@@ -127,7 +188,8 @@ def shard_one_rank(models: list, cuda: bool) -> None:
 
 def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
            length: int | None = None, device: str = "cpu", random_init: bool = False,
-           fsdp: bool = False, data: str = "synthetic", forget_split: str = "forget10") -> dict:
+           fsdp: bool = False, data: str = "synthetic", forget_split: str = "forget10",
+           shape: str | None = None, peak_tflops: float | None = None) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -159,7 +221,7 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
                           batch_size, pad, shuffle=True, bucket=True)
     cuda = device.startswith("cuda")
     before_model_kib = 0 if cuda else _status_kib("VmRSS")
-    model = bench_model(model_name, "+ckpt" in path, random_init, device)
+    model = bench_model(model_name, "+ckpt" in path, random_init, device, shape)
     if "+bf16weights" in path:
         model.to(torch.bfloat16)
     objective = get_objective(method)
@@ -187,6 +249,7 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
         torch.cuda.reset_peak_memory_stats()
     else:
         _reset_peak()
+    flops = [step_flops(model, pair, pair[:1] if ref is not None else ()) for pair in pairs[1:]]
     times, tokens = [], []
     for pair in pairs[1:]:
         start = time.perf_counter()
@@ -197,23 +260,29 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
         tokens.append(metrics["tokens"])
     peak_kib = torch.cuda.max_memory_allocated() / 1024 if cuda else _status_kib("VmHWM")
     step_s = statistics.median(times)
+    peak = device_peak_tflops(device, peak_tflops)
     return {
-        "model": os.path.basename(model_name.rstrip("/")), "device": device + (" fsdp2" if fsdp else ""),
+        "model": os.path.basename(model_name.rstrip("/")) + (f" ({shape})" if shape else ""),
+        "device": device + (" fsdp2" if fsdp else ""),
         "data": f"{os.path.basename(data.rstrip('/'))} {forget_split}",
         "method": method, "path": path, "step_s": step_s,
         "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times)),
+        "tflops": statistics.median(f / s for f, s in zip(flops, times)) / 1e12,
+        "mfu": statistics.median(f / s for f, s in zip(flops, times)) / (peak * 1e12) if peak else None,
         "peak_mib": peak_kib / 1024, "above_floor_mib": (peak_kib - floor_kib) / 1024,
         "floor_mib": floor_kib / 1024, "vocab": model.config.vocab_size,
         "tokens_per_batch": statistics.median(int(b["attention_mask"].sum()) for b in forget),
     }
 
 
-def run_all(models, methods, paths, steps, batch_size, length=None, device="cpu",
-            random_init=False, fsdp=False, repeats=1, data="synthetic",
-            forget_split="forget10") -> list[dict]:
+WORKER_OPTIONS = ("steps", "batch_size", "length", "device", "random_init", "fsdp", "data",
+                  "forget_split", "shape", "peak_tflops")
+
+
+def run_all(models, methods, paths, repeats=1, **options) -> list[dict]:
     """One worker process per (model, method, path, repeat); methods and paths alternate within
     each repeat, so a drift of the machine's speed touches every (method, path) alike (the PDU to
-    GradDiff ratio included). Each figure: the median over repeats."""
+    GradDiff ratio included). Each figure: the median over repeats. ``options``: ``worker``'s."""
     rows = []
     for model in models:
         runs: dict[tuple[str, str], list[dict]] = {}
@@ -222,22 +291,27 @@ def run_all(models, methods, paths, steps, batch_size, length=None, device="cpu"
                 for path in paths:
                     if path.endswith("+ckpt") and method != "pdu":  # checkpointing costs alike
                         continue
-                    row = run_worker(model, method, path, steps, batch_size, length, device,
-                                     random_init, fsdp, data, forget_split)
+                    row = run_worker(model, method, path, **options)
                     runs.setdefault((method, path), []).append(row)
                     print(f"  {model:14s} {method:10s} {path:16s} {row['step_s']:.3f} s/step", flush=True)
         rows += [median_row(method_path_runs) for method_path_runs in runs.values()]
     return rows
 
 
-def run_worker(model, method, path, steps, batch_size, length, device, random_init, fsdp,
-               data="synthetic", forget_split="forget10") -> dict:
-    cmd = [sys.executable, __file__, "--worker", model, method, path, "--steps", str(steps),
-           "--batch-size", str(batch_size), "--device", device, "--data", data,
-           "--forget-split", forget_split]
-    cmd += ["--length", str(length)] if length else []
-    cmd += ["--random-init"] if random_init else []
-    cmd += ["--fsdp"] if fsdp else []
+def worker_flags(options: dict) -> list[str]:
+    """``options`` as this script's command-line flags (a flag for a true bool, none for None)."""
+    flags = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value not in (None, False):
+            flags += [flag, str(value)]
+    return flags
+
+
+def run_worker(model, method, path, **options) -> dict:
+    cmd = [sys.executable, __file__, "--worker", model, method, path, *worker_flags(options)]
     out = subprocess.run(cmd, capture_output=True, text=True,
                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if out.returncode != 0:
@@ -248,8 +322,9 @@ def run_worker(model, method, path, steps, batch_size, length, device, random_in
 
 def median_row(runs: list[dict]) -> dict:
     row = dict(runs[0], runs=len(runs), step_s_runs=[r["step_s"] for r in runs])
-    for key in ("step_s", "tokens_per_s", "peak_mib", "above_floor_mib"):
-        row[key] = statistics.median(r[key] for r in runs)
+    for key in ("step_s", "tokens_per_s", "peak_mib", "above_floor_mib", "tflops", "mfu"):
+        if runs[0].get(key) is not None:
+            row[key] = statistics.median(r[key] for r in runs)
     return row
 
 
@@ -265,19 +340,20 @@ def print_table(rows: list[dict]) -> None:
         table.append([
             r["model"], r.get("device", "cpu"), r.get("data"), r["method"], r["path"],
             r.get("tokens_per_batch"),
-            r["step_s"], r["tokens_per_s"], r["peak_mib"],
+            r["step_s"], r["tokens_per_s"], r.get("tflops"), r.get("mfu"), r["peak_mib"],
             r["above_floor_mib"],
             *((base["step_s"] / r["step_s"], r["peak_mib"] / base["peak_mib"],
                r["above_floor_mib"] / base["above_floor_mib"]) if base else (None, None, None)),
             r["step_s"] / gd["step_s"] if gd and r["method"] == "pdu" else None,
         ])
     print(format_table(
-        ["model", "device", "data", "method", "path", "tokens/batch", "s/step", "tok/s", "peak MiB",
-         "above floor MiB", "speed vs plain", "peak vs plain", "above-floor vs plain", "pdu/graddiff time"],
+        ["model", "device", "data", "method", "path", "tokens/batch", "s/step", "tok/s", "TFLOP/s", "MFU",
+         "peak MiB", "above floor MiB", "speed vs plain", "peak vs plain", "above-floor vs plain",
+         "pdu/graddiff time"],
         table))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m"])
     parser.add_argument("--methods", nargs="+", default=["pdu", "npo", "grad_diff"])
@@ -294,16 +370,20 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 on one rank, as the Ray worker")
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a TOFU folder (local)")
     parser.add_argument("--forget-split", default="forget10")
+    parser.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                        help="with --random-init: this architecture instead of the model's")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak for MFU (default: known GPUs' dense bf16 peak)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "PATH"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.shape and not args.random_init:
+        parser.error("--shape needs --random-init: the shape has no weights")
+    options = {key: getattr(args, key) for key in WORKER_OPTIONS}
     if args.worker:
-        print(json.dumps(worker(*args.worker, steps=args.steps, batch_size=args.batch_size,
-                                length=args.length, device=args.device, random_init=args.random_init,
-                                fsdp=args.fsdp, data=args.data, forget_split=args.forget_split)))
+        print(json.dumps(worker(*args.worker, **options)))
         return
-    rows = run_all(args.models, args.methods, args.paths, args.steps, args.batch_size, args.length,
-                   args.device, args.random_init, args.fsdp, args.repeats, args.data, args.forget_split)
+    rows = run_all(args.models, args.methods, args.paths, args.repeats, **options)
     print()
     print_table(rows)
     if args.json:
