@@ -62,7 +62,8 @@ H200's dense bf16 peak, 989 TFLOP/s, where the GPU is one; none on CPU). Recompu
 checkpointing does not count, so MFU falls with it, as it should.
 ``--shape llama3.2-1b`` (with ``--random-init``) swaps the model's architecture for Llama-3.2-1B's
 (hidden 2048, 16 layers, MLP 8192, 32 heads, 8 KV heads, vocab 128256, tied head) and keeps its
-tokenizer, so a GPU machine needs no weights at all:
+tokenizer (``--shape smollm2-135m``: SmolLM2-135M's), so a GPU machine needs no weights at all
+(``bench/gpu_check.sh`` runs both):
 ``bench/step.py --models tiny --random-init --shape llama3.2-1b --device cuda --fsdp
 --batch-size 32 --length 256 --methods pdu --paths fused+split+bf16``.
 """
@@ -110,6 +111,9 @@ def long_records(records: list, tokenizer, length: int) -> list:
 
 
 SHAPES = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                     "vocab_size": 49152, "tie_word_embeddings": True},
     "llama3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
                     "vocab_size": 128256, "tie_word_embeddings": True},

@@ -51,12 +51,13 @@ def test_step_flops_count_only_the_unpadded_tokens(step):
                                                 + step.step_flops(model, [second_unpadded]))
 
 
-def test_the_1b_shape_has_llama_3_2_1b_parameters(step, tmp_path):
+@pytest.mark.parametrize("shape, parameters", [("llama3.2-1b", 1_235_814_400), ("smollm2-135m", 134_515_008)])
+def test_a_shape_has_its_models_parameters_and_a_tied_head(step, tmp_path, shape, parameters):
     small = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
     small.save_pretrained(tmp_path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(step.shaped_config(str(tmp_path), "llama3.2-1b"))
-    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400
+        model = AutoModelForCausalLM.from_config(step.shaped_config(str(tmp_path), shape))
+    assert sum(p.numel() for p in model.parameters()) == parameters
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
