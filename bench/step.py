@@ -264,6 +264,7 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
         tokens.append(metrics["tokens"])
     peak_kib = torch.cuda.max_memory_allocated() / 1024 if cuda else _status_kib("VmHWM")
     step_s = statistics.median(times)
+    flops_per_s = statistics.median(f / s for f, s in zip(flops, times))
     peak = device_peak_tflops(device, peak_tflops)
     return {
         "model": os.path.basename(model_name.rstrip("/")) + (f" ({shape})" if shape else ""),
@@ -271,8 +272,7 @@ def worker(model_name: str, method: str, path: str, steps: int, batch_size: int,
         "data": f"{os.path.basename(data.rstrip('/'))} {forget_split}",
         "method": method, "path": path, "step_s": step_s,
         "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times)),
-        "tflops": statistics.median(f / s for f, s in zip(flops, times)) / 1e12,
-        "mfu": statistics.median(f / s for f, s in zip(flops, times)) / (peak * 1e12) if peak else None,
+        "tflops": flops_per_s / 1e12, "mfu": flops_per_s / (peak * 1e12) if peak else None,
         "peak_mib": peak_kib / 1024, "above_floor_mib": (peak_kib - floor_kib) / 1024,
         "floor_mib": floor_kib / 1024, "vocab": model.config.vocab_size,
         "tokens_per_batch": statistics.median(int(b["attention_mask"].sum()) for b in forget),
