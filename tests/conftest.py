@@ -1,5 +1,5 @@
-"""Fixtures shared by the tests: one finetuned tiny target and retain model per session, and a
-one-rank process group for FSDP2 in the test process."""
+"""Fixtures shared by the tests: one finetuned tiny target and retain model per session, a
+one-rank process group for FSDP2 in the test process, and bench scripts loaded as modules."""
 
 import os
 
@@ -11,6 +11,23 @@ from unlearn.workflow import resolve_source, run_finetune
 # Ray Train's preemption watcher is one more actor process per pipeline run, and no test drains a
 # node (~2 s a run here). Set before any Ray process starts, so every one inherits it.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """``bench_script(name)``: ``bench/<name>.py`` as a module, loaded from its path (``bench/`` is
+    scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

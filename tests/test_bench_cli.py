@@ -1,19 +1,11 @@
 """The real-data benchmark's command line (its runs need ../shared and take hours: not tested here)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "tofu_real.py"
 
 
 @pytest.fixture(scope="module")
-def tofu_real():
-    spec = importlib.util.spec_from_file_location("tofu_real", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tofu_real(bench_script):
+    return bench_script("tofu_real")
 
 
 def test_overrides_after_the_methods_are_overrides_not_methods(tofu_real):

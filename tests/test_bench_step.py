@@ -1,22 +1,14 @@
 """bench/step.py's FLOP count and its 1B shape (its timings are benchmarks, not tests)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "step.py"
-
 
 @pytest.fixture(scope="module")
-def step():
-    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def step(bench_script):
+    return bench_script("step")
 
 
 def batch(rows: int, length: int) -> dict:
